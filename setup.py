@@ -1,0 +1,37 @@
+"""bigvl: sharded JAX/Flax training of vision-language and label-efficient vision models."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="bigvl",
+    version="0.1.0",
+    description="One sharded JAX/Flax codebase for SigLIP/FFF, LVLM fine-tuning, CLIP-DPO, "
+                "semi-supervised, domain adaptation, segmentation and few-shot methods.",
+    packages=find_packages(include=["bigvl", "bigvl.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.6",
+        "orbax-checkpoint>=0.12",
+        "ml_collections>=1.0",
+        "einops>=0.8",
+        "tensorflow-datasets>=4.9.10",
+        "tensorflow-cpu>=2.20",  # only to prepare TFDS builders; reading is TF-free
+        "grain>=0.2.18",
+        "array_record>=0.8",
+        "tokenizers>=0.20",
+        "tensorboardX>=2.6",
+        "pillow>=10",
+        "absl-py>=2.0",
+        "mlxtend>=0.23",
+        "scikit-learn>=1.4",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff>=0.6"],
+        "torch-parity": ["torch==2.13.0", "transformers>=5.0"],
+        "tpu": ["jax[tpu]"],
+        "cuda": ["jax[cuda12]"],
+    },
+)
