@@ -27,6 +27,7 @@ setup(
         "mlxtend>=0.23",
         "scikit-learn>=1.4",
         "safetensors>=0.4",
+        "importlib_resources",  # tfds needs it for builders defined outside tfds
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6"],

@@ -1,0 +1,171 @@
+"""Strict config reading: every key a run never reads is an error, every bad value exits 2.
+
+Components receive a :class:`Reader` over their part of the experiment's ``ConfigDict`` and
+read it in their constructors, before anything compiles. After construction the trainer asks
+the root reader which keys were never read: a typo (``config.optim.lerning_rate``) fails the
+run with one line instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import ml_collections
+
+_MISSING = object()
+
+
+class ConfigError(ValueError):
+  """A bad experiment config. ``bigvl.main`` prints it as one line and exits with status 2."""
+
+
+class Reader:
+  """A read-tracking, read-only view of a (nested) ``ConfigDict``.
+
+  ``r.name`` / ``r['name']`` read a required key, ``r.get(name, default)`` an optional one,
+  ``r.typed(name, types, default)`` one with a checked type. Sub-dicts come back as Readers
+  that share the same record of what was read.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict | dict, path: str = "config",
+               seen: set[str] | None = None):
+    object.__setattr__(self, "_cfg", cfg)
+    object.__setattr__(self, "_path", path)
+    object.__setattr__(self, "_seen", set() if seen is None else seen)
+
+  # --- reading -------------------------------------------------------------------------
+  def _wrap(self, name: str, value: Any) -> Any:
+    key = f"{self._path}.{name}"
+    self._seen.add(key)
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      return Reader(value, key, self._seen)
+    return value
+
+  def __getattr__(self, name: str) -> Any:
+    if name.startswith("__"):
+      raise AttributeError(name)
+    if name not in self._cfg:
+      raise ConfigError(f"{self._path}.{name} is required but missing")
+    return self._wrap(name, self._cfg[name])
+
+  __getitem__ = __getattr__
+
+  def __setattr__(self, name: str, value: Any) -> None:
+    raise TypeError("config Readers are read-only")
+
+  def get(self, name: str, default: Any = None) -> Any:
+    if name not in self._cfg:
+      return default
+    value = self._cfg[name]
+    if value is None:
+      self._seen.add(f"{self._path}.{name}")
+      return default
+    return self._wrap(name, value)
+
+  def typed(self, name: str, types: type | tuple[type, ...], default: Any = _MISSING) -> Any:
+    """Reads ``name`` and checks ``isinstance(value, types)`` (bool is never an int here)."""
+    if default is _MISSING:
+      value = self.__getattr__(name)
+    else:
+      value = self.get(name, default)
+    types = types if isinstance(types, tuple) else (types,)
+    bad_bool = isinstance(value, bool) and bool not in types
+    if value is not None and (bad_bool or not isinstance(value, types)):
+      want = "/".join(t.__name__ for t in types)
+      raise ConfigError(f"{self._path}.{name} must be {want}, got {value!r}")
+    return value
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._cfg and self._cfg[name] is not None
+
+  def keys(self) -> list[str]:
+    return list(self._cfg.keys())
+
+  def items(self) -> Iterator[tuple[str, Any]]:
+    for name in list(self._cfg.keys()):
+      yield name, self._wrap(name, self._cfg[name])
+
+  def mark_read(self, *names: str) -> None:
+    """Marks keys as read by a part of the run that consumes them elsewhere (e.g. main)."""
+    for name in names:
+      self._seen.add(f"{self._path}.{name}")
+
+  @property
+  def path(self) -> str:
+    return self._path
+
+  def to_dict(self) -> dict[str, Any]:
+    """The raw values below this node (marks everything below as read)."""
+    out = {}
+    for name, value in self.items():
+      out[name] = value.to_dict() if isinstance(value, Reader) else value
+    return out
+
+  # --- auditing --------------------------------------------------------------------------
+  def unread(self) -> list[str]:
+    """Leaf keys below this node that nothing read."""
+    missing = []
+
+    def walk(cfg: Any, path: str) -> None:
+      for name in cfg.keys():
+        key = f"{path}.{name}"
+        value = cfg[name]
+        if isinstance(value, (ml_collections.ConfigDict, dict)) and len(value):
+          if key in self._seen:
+            walk(value, key)
+          else:
+            missing.append(key)
+        elif key not in self._seen:
+          missing.append(key)
+
+    walk(self._cfg, self._path)
+    return missing
+
+  def check_all_read(self) -> None:
+    missing = self.unread()
+    if missing:
+      raise ConfigError(f"config keys that nothing in this run reads (typo?): {', '.join(missing)}")
+
+
+def check_choice(path: str, value: Any, choices: tuple | list) -> Any:
+  if value not in choices:
+    raise ConfigError(f"{path}={value!r} is not one of {', '.join(map(repr, choices))}")
+  return value
+
+
+def positive_int(r: Reader, name: str, default: Any = _MISSING) -> int:
+  value = r.typed(name, int, default)
+  if value is not None and value <= 0:
+    raise ConfigError(f"{r.path}.{name} must be > 0, got {value}")
+  return value
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """``'tiny,res=64'`` -> ``{'tiny': True, 'res': 64}`` over ``defaults`` (big_vision style).
+
+  A bare word is a boolean switch; ``k=v`` takes v's type from the default.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, value = item.partition("=")
+    if key not in out:
+      raise ConfigError(f"unknown config arg {key!r}; known: {', '.join(out.keys())}")
+    if not eq:
+      out[key] = True
+    else:
+      kind = type(defaults[key])
+      out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+  return out
+
+
+def load_sibling(config_file: str, name: str) -> Any:
+  """Imports ``configs/<name>.py`` next to ``config_file`` (configs are not a package)."""
+  import importlib.util
+  import os
+
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"bigvl_configs_{name}", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod

@@ -1,0 +1,108 @@
+"""Random-access data sources by name, for grain.
+
+``config.input.dataset`` names one of:
+* a TFDS builder of bigvl's own (``bigvl/data/builders/<name>.py``), e.g.
+  ``'shapes_captions'`` or ``'shapes_captions/dups'``: prepared once (ArrayRecord) under the
+  data dir, then read with ``tfds.data_source``;
+* any TFDS dataset already prepared as ArrayRecord under the data dir (``'coco_captions'``,
+  ``'cifar10'``, ...): the path real users take with a config change;
+* ``'embedded:<name>'``: real data a package ships (``bigvl/data/digits.py``: MNIST-5k,
+  sklearn's 8x8 digits).
+
+The data dir is ``config.input.data_dir``, else ``$BIGVL_DATA``, else ``~/tensorflow_datasets``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+from typing import Any
+
+from bigvl import registry
+from bigvl.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def data_dir(explicit: str | None = None) -> str:
+  return os.path.expanduser(explicit or os.environ.get("BIGVL_DATA") or "~/tensorflow_datasets")
+
+
+class SkippingSource:
+  """Wraps a source; a record that fails to read or decode comes back as ``None`` and is
+  counted (``num_skipped``), so one corrupt sample never stops a run."""
+
+  def __init__(self, source: Any, name: str):
+    self._source, self._name = source, name
+    self._lock = threading.Lock()
+    self.num_skipped = 0
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> Any:
+    try:
+      return self._source[index]
+    except Exception as e:  # noqa: BLE001 -- any unreadable record is skipped
+      with self._lock:
+        self.num_skipped += 1
+      log.warning("skipping unreadable record %d of %s: %s", index, self._name, e)
+      return None
+
+
+def tfds_builder(name: str, root: str):
+  """The TFDS builder for ``name`` (``'ds'`` or ``'ds/config'``), prepared if it is ours."""
+  import tensorflow_datasets as tfds
+
+  base = name.split("/")[0].split(":")[0]
+  own = base in registry.available("data.builders")
+  if own:
+    importlib.import_module(f"bigvl.data.builders.{base}")  # registers the builder
+  try:
+    builder = tfds.builder(name, data_dir=root, file_format="array_record")
+  except Exception as e:  # noqa: BLE001 -- tfds raises several kinds for unknown names
+    raise ConfigError(f"unknown dataset {name!r}: {type(e).__name__}: {str(e).splitlines()[0]}"
+                      ) from None
+  if not builder.is_prepared():
+    if not own:
+      raise ConfigError(f"dataset {name!r} is not prepared under {root}; run `tfds build "
+                        f"{name} --data_dir={root} --file_format=array_record` first")
+    _prepare_locked(builder, root)
+  return builder
+
+
+def _prepare_locked(builder: Any, root: str) -> None:
+  """Prepares once even if several processes start together (a lock file in the data dir)."""
+  import fcntl
+
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, f".{builder.name}.lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      if not builder.is_prepared():
+        print(f"bigvl: preparing {builder.info.full_name} under {root} (once)", flush=True)
+        import tensorflow_datasets as tfds
+        tfds.disable_progress_bar()
+        builder.download_and_prepare(file_format="array_record")
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def get_source(name: str, split: str, root: str | None = None) -> tuple[Any, Any]:
+  """Returns ``(random-access source, info)``; info is the TFDS DatasetInfo (or the embedded
+  dataset's info object, with ``features`` and ``splits``)."""
+  if not isinstance(name, str) or not name:
+    raise ConfigError(f"config.input.dataset must be a dataset name, got {name!r}")
+  root = data_dir(root)
+  if name.startswith("embedded:"):
+    from bigvl.data import digits
+    src = digits.load_split(name.split(":", 1)[1], split)
+    return SkippingSource(src, name), None
+  builder = tfds_builder(name, root)
+  if split.split("[")[0] not in builder.info.splits:
+    raise ConfigError(f"dataset {name!r} has no split {split!r}; splits: "
+                      f"{', '.join(builder.info.splits)}")
+  src = builder.as_data_source(split=split)
+  return SkippingSource(src, f"{name}:{split}"), builder.info

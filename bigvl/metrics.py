@@ -1,0 +1,100 @@
+"""Where metrics go: ``metrics.jsonl`` (one JSON object per logged step), TensorBoard events
+and a console progress line (step, loss, examples/s, ETA). Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+
+
+def _fmt_time(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def truncate_jsonl(path: str, max_step: int) -> None:
+  """Drops lines logged after ``max_step`` (by a run that died before its next checkpoint)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [ln for ln in f if ln.strip()]
+  keep = []
+  for ln in lines:
+    try:
+      if json.loads(ln).get("step", 0) <= max_step:
+        keep.append(ln)
+    except json.JSONDecodeError:
+      continue  # a line cut short by a kill
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(ln) for ln in f if ln.strip()]
+
+
+class MetricWriter:
+  """Writes scalars to jsonl + TensorBoard, prints the progress line."""
+
+  def __init__(self, workdir: str, total_steps: int, batch_size: int, tensorboard: bool = True,
+               stream: Any = None):
+    self.active = jax.process_index() == 0
+    self.total_steps, self.batch_size = total_steps, batch_size
+    self.stream = stream or sys.stdout
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if self.active:
+      os.makedirs(workdir, exist_ok=True)
+      if tensorboard:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
+    self._t0, self._step0 = None, None
+
+  def start(self, step: int) -> None:
+    self._t0, self._step0 = time.perf_counter(), step
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.active:
+      return
+    clean = {k: float(v) for k, v in scalars.items()}
+    with open(self.jsonl_path, "a") as f:
+      f.write(json.dumps({"step": step, **clean}) + "\n")
+    if self._tb is not None:
+      for k, v in clean.items():
+        self._tb.add_scalar(k, v, step)
+
+  def throughput(self, step: int) -> tuple[float, float]:
+    """(examples/s since start, seconds left)."""
+    if self._t0 is None or step <= self._step0:
+      return float("nan"), float("nan")
+    dt = time.perf_counter() - self._t0
+    steps_per_s = (step - self._step0) / dt
+    return steps_per_s * self.batch_size, (self.total_steps - step) / steps_per_s
+
+  def progress(self, step: int, scalars: dict[str, float], keys: tuple[str, ...]) -> None:
+    if not self.active:
+      return
+    ex_s, eta = self.throughput(step)
+    parts = [f"step {step}/{self.total_steps}"]
+    for k in keys:
+      if k in scalars:
+        parts.append(f"{k} {scalars[k]:.4g}")
+    parts.append(f"{ex_s:.0f} ex/s" if math.isfinite(ex_s) else "- ex/s")
+    parts.append(f"ETA {_fmt_time(eta)}")
+    print(" | ".join(parts), file=self.stream, flush=True)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()

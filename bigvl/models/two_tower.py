@@ -1,0 +1,69 @@
+"""Two-tower image-text model (CLIP / SigLIP): ViT + text transformer, each projected to a
+shared ``embed_dim`` and L2-normalised, plus the learnable temperature ``t'`` (``t = exp(t')``)
+and bias ``b``. SigLIP (Zhai et al. 2023) initialises ``t' = log 10`` and ``b = -10``."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bigvl.models.text import TextTransformer
+from bigvl.models.vit import ViT
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-8) -> jax.Array:
+  return x / jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+class TwoTower(nn.Module):
+  image: dict
+  text: dict
+  embed_dim: int = 128
+  temperature_init: float = 10.0
+  bias_init: float = -10.0
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.img = ViT(**self.image, dtype=self.dtype, name="img")
+    self.txt = TextTransformer(**self.text, dtype=self.dtype, name="txt")
+    self.img_proj = nn.Dense(self.embed_dim, name="img_proj")
+    self.txt_proj = nn.Dense(self.embed_dim, name="txt_proj")
+    self.t_prime = self.param("t_prime", nn.initializers.constant(
+        math.log(self.temperature_init)), ())
+    self.b = self.param("b", nn.initializers.constant(self.bias_init), ())
+
+  def embed_images(self, images: jax.Array) -> jax.Array:
+    """[B, H, W, 3] -> [B, embed_dim] L2-normalised (float32)."""
+    return l2_normalize(self.img_proj(self.img(images)[0]).astype(jnp.float32))
+
+  def embed_texts(self, tokens: jax.Array) -> jax.Array:
+    """int [B, L] -> [B, embed_dim] L2-normalised (float32)."""
+    return l2_normalize(self.txt_proj(self.txt(tokens)[0]).astype(jnp.float32))
+
+  def __call__(self, images: jax.Array, tokens: jax.Array):
+    """Returns ``(zimg [B, E], ztxt [M, E], t = exp(t'), b)``."""
+    return (self.embed_images(images), self.embed_texts(tokens), jnp.exp(self.t_prime),
+            self.b)
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def from_config(cfg, *, vocab_size: int, max_len: int) -> TwoTower:
+  """``config.model``: ``image`` (ViT fields), ``text`` (TextTransformer fields), ``embed_dim``,
+  ``temperature_init``, ``bias_init``, ``dtype``."""
+  from bigvl.config import ConfigError, check_choice
+
+  dtype = _DTYPES[check_choice("config.model.dtype", cfg.get("dtype", "float32"), _DTYPES)]
+  image, text = cfg.image.to_dict(), cfg.text.to_dict()
+  text.update(vocab_size=vocab_size, max_len=max_len)
+  for name, fields, cls in (("image", image, ViT), ("text", text, TextTransformer)):
+    unknown = set(fields) - set(cls.__dataclass_fields__) - {"parent", "name"}
+    if unknown:
+      raise ConfigError(f"config.model.{name} has unknown fields {sorted(unknown)}")
+  return TwoTower(image=image, text=text, embed_dim=cfg.typed("embed_dim", int, 128),
+                  temperature_init=float(cfg.typed("temperature_init", (float, int), 10.0)),
+                  bias_init=float(cfg.typed("bias_init", (float, int), -10.0)), dtype=dtype)

@@ -1,0 +1,257 @@
+"""The one train loop. Every task runs through :func:`train`; none copies it.
+
+``config -> mesh -> task (data + model + loss) -> optimizer -> jit(train_step) -> loop``:
+
+* everything is built and the config audited (unknown keys, bad values) before compiling;
+* the train step is one ``jax.jit`` with in/out shardings from ``config.partition_rules``;
+  a step whose loss or gradient is not finite is refused (state unchanged) and counted;
+* orbax checkpoints carry params, optimizer state, task state, step, rng and the data
+  iterator's state: re-running the same command resumes and continues exactly;
+* metrics go to ``metrics.jsonl``, TensorBoard and a progress line; evaluators run every
+  ``config.evals.<name>.every`` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from bigvl import checkpoint, metrics, optim, parallel, registry
+from bigvl.config import ConfigError, Reader, positive_int
+from bigvl.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run needs, built from the config before anything compiles."""
+
+  config: ml_collections.ConfigDict
+  task: Task
+  mesh: jax.sharding.Mesh
+  rules: list
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  seed: int
+  total_steps: int
+  log_every: int
+  ckpt_every: int
+  keep_ckpts: int
+  evaluators: list  # (name, evaluator, every)
+
+
+def duration_steps(r: Reader, prefix: str, num_examples: int | None, batch_size: int) -> int:
+  """``<prefix>_steps`` | ``<prefix>_epochs`` | ``<prefix>_examples`` -> steps (exactly one)."""
+  given = {u: r.get(f"{prefix}_{u}") for u in ("steps", "epochs", "examples")}
+  given = {u: v for u, v in given.items() if v is not None}
+  if len(given) != 1:
+    raise ConfigError(f"give exactly one of config.{prefix}_steps/_epochs/_examples, got "
+                      f"{sorted(given) or 'none'}")
+  unit, value = next(iter(given.items()))
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    raise ConfigError(f"config.{prefix}_{unit} must be a positive number, got {value!r}")
+  if unit == "steps":
+    if not isinstance(value, int):
+      raise ConfigError(f"config.{prefix}_steps must be int, got {value!r}")
+    return value
+  if unit == "epochs":
+    if not num_examples:
+      raise ConfigError(f"config.{prefix}_epochs needs a dataset of known size")
+    value = value * num_examples
+  return max(1, int(round(value / batch_size)))
+
+
+def build(config: ml_collections.ConfigDict) -> Run:
+  """Validates and builds a run. Raises ConfigError (exit 2 in bigvl.main) on a bad config."""
+  r = Reader(config)
+  seed = r.typed("seed", int)
+  mesh = parallel.make_mesh(r.mesh)
+  rules = parallel.check_rules(r.get("partition_rules", ()))
+  task = registry.load("tasks", r.typed("task", str), "task").Task(r, mesh)
+  total = duration_steps(r, "total", task.num_train_examples, task.batch_size)
+  tx, sched = optim.make_optimizer(r.optim, r.get("schedule"), total)
+  evaluators = []
+  for name, ecfg in (r.get("evals") or Reader({}, "config.evals")).items():
+    mod = registry.load("evaluators", ecfg.typed("type", str), "evaluator")
+    every = positive_int(ecfg, "every", total)
+    evaluators.append((name, mod.Evaluator(ecfg, task, mesh), every))
+  run = Run(config=config, task=task, mesh=mesh, rules=rules, tx=tx, schedule=sched,
+            seed=seed, total_steps=total, log_every=positive_int(r, "log_every"),
+            ckpt_every=positive_int(r, "ckpt_every"),
+            keep_ckpts=positive_int(r, "keep_ckpts", 2), evaluators=evaluators)
+  r.check_all_read()
+  return run
+
+
+def make_train_step(task: Task, tx: optax.GradientTransformation, sched: optax.Schedule):
+  """The pure train step ``(state, batch) -> (state, metrics)``; not yet jitted."""
+
+  def train_step(state: dict, batch: Any) -> tuple[dict, dict]:
+    step = state["step"]
+    rng = jax.random.fold_in(state["rng"], step)
+
+    def loss_fn(params):
+      return task.loss(params, state["extra"], batch, rng, step)
+
+    (loss, (aux, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    extra = task.after_step(params, extra, step)
+    gnorm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    new = {"params": params, "opt_state": opt_state, "extra": extra}
+    kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new,
+                        {k: state[k] for k in new})
+    skipped = state["skipped"] + (1 - ok.astype(jnp.int32))
+    out = {**kept, "step": step + 1, "rng": state["rng"], "skipped": skipped}
+    aux = {**aux, "loss": loss, "grad_norm": gnorm, "lr": sched(step),
+           "skipped_steps": skipped}
+    return out, aux
+
+  return train_step
+
+
+def _init_state(run: Run, example_batch: Any) -> tuple[Any, Any, Any]:
+  """Returns (jitted init fn, abstract state with shardings, state shardings)."""
+  key = jax.random.PRNGKey(run.seed)
+  init_rng, train_rng = jax.random.split(key)
+
+  def init_fn(batch):
+    params, extra = run.task.init(init_rng, batch)
+    return {"params": params, "opt_state": run.tx.init(params), "extra": extra,
+            "step": jnp.zeros((), jnp.int32), "rng": train_rng,
+            "skipped": jnp.zeros((), jnp.int32)}
+
+  shapes = jax.eval_shape(init_fn, example_batch)
+  shardings = parallel.tree_shardings(shapes, run.rules, run.mesh)
+  init = jax.jit(init_fn, out_shardings=shardings)
+  return init, checkpoint.abstract_with_shardings(shapes, shardings), shardings
+
+
+def _count_params(params: Any) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+class _Preemption:
+  """SIGTERM (a preempted TPU VM, ``kill``): checkpoint at the current step, then exit."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread
+      self._old = None
+
+  def _handler(self, signum, frame):
+    self.requested = True
+
+  def restore(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = None
+          ) -> dict[str, float]:
+  """Trains (or resumes) the experiment ``config`` in ``workdir``; returns the last eval."""
+  run = run or build(config)
+  task, mesh = run.task, run.mesh
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  data = task.train_data(run.seed)
+  start_state = data.get_state()
+  example = parallel.global_batch(next(data), mesh)
+  data.set_state(start_state)
+  init, abstract, shardings = _init_state(run, example)
+  ckpt = checkpoint.Checkpointer(workdir, keep=run.keep_ckpts)
+  restored = ckpt.restore_latest(abstract)
+  writer = metrics.MetricWriter(workdir, run.total_steps, task.batch_size)
+  if restored is None:
+    state = init(example)
+    step = 0
+  else:
+    step, state, data_state = restored
+    if data_state:
+      data.set_state(data_state)
+    metrics.truncate_jsonl(writer.jsonl_path, step)
+    print(f"bigvl: resumed from step {step} ({ckpt.directory})", flush=True)
+  batch_sh = jax.tree.map(lambda _: parallel.batch_sharding(mesh), example)
+  del example
+
+  step_fn = jax.jit(make_train_step(task, run.tx, run.schedule),
+                    in_shardings=(shardings, batch_sh),
+                    out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  if jax.process_index() == 0:
+    print(f"bigvl: task={config.task} params={_count_params(state['params']) / 1e6:.2f}M "
+          f"mesh={dict(mesh.shape)} devices={jax.device_count()} steps={run.total_steps} "
+          f"batch={task.batch_size} workdir={workdir}", flush=True)
+
+  kill_at = int(os.environ.get("BIGVL_TEST_KILL_AT_STEP", "0"))  # fault injection in tests
+  preempt = _Preemption()
+  last_eval: dict[str, float] = {}
+  skipped_logged = int(jax.device_get(state["skipped"]))
+  try:
+    while step < run.total_steps:
+      batch = parallel.global_batch(next(data), mesh)
+      state, aux = step_fn(state, batch)
+      step += 1
+      if writer._t0 is None:
+        jax.block_until_ready(aux["loss"])
+        writer.start(step)
+      if step % run.log_every == 0 or step == run.total_steps:
+        scalars = {k: float(v) for k, v in jax.device_get(aux).items()}
+        ex_s, _ = writer.throughput(step)
+        scalars["examples_per_s"] = ex_s if np.isfinite(ex_s) else 0.0
+        scalars["data_skipped"] = data.num_skipped
+        skipped = int(scalars["skipped_steps"])
+        if skipped > skipped_logged:
+          print(f"bigvl: refused {skipped - skipped_logged} update(s) with a non-finite loss "
+                f"or gradient up to step {step}", flush=True)
+          if skipped - skipped_logged >= run.log_every:
+            raise FloatingPointError(
+                f"every step of the last {run.log_every} had a non-finite loss or gradient "
+                f"(step {step}); stopping. The last good state is in {ckpt.directory}")
+          skipped_logged = skipped
+        writer.write(step, scalars)
+        writer.progress(step, scalars, ("loss",) + task.progress_keys + ("grad_norm", "lr"))
+      for name, ev, every in run.evaluators:
+        if step % every == 0 or step == run.total_steps:
+          t0 = time.perf_counter()
+          res = ev.run(state["params"], state["extra"])
+          res = {f"{name}/{k}": float(v) for k, v in res.items()}
+          writer.write(step, res)
+          last_eval.update(res)
+          if jax.process_index() == 0:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in res.items())
+            print(f"bigvl: eval at step {step} ({time.perf_counter() - t0:.1f}s): {shown}",
+                  flush=True)
+      if step == kill_at:
+        os._exit(17)
+      if step % run.ckpt_every == 0 or step == run.total_steps or preempt.requested:
+        ckpt.save(step, state, data.get_state())
+      if preempt.requested:
+        print(f"bigvl: SIGTERM: checkpointed step {step}, exiting", flush=True)
+        break
+  finally:
+    preempt.restore()
+    ckpt.close()
+    writer.close()
+  if jax.process_index() == 0 and last_eval:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump({"step": step, **last_eval}, f, indent=2)
+  return last_eval
+

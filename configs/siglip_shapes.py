@@ -1,0 +1,69 @@
+"""SigLIP (sigmoid loss) two-tower training on the synthetic ``shapes_captions`` dataset.
+
+  python -m bigvl.main --config configs/siglip_shapes.py:tiny --workdir /tmp/bigvl/siglip
+
+``:tiny`` finishes on a 2-core CPU in minutes; no arg is a GPU/TPU-sized run of the same.
+"""
+
+import ml_collections as mlc
+
+from bigvl.config import parse_arg
+
+
+def get_config(arg=None):
+  a = parse_arg(arg, tiny=False)
+  c = mlc.ConfigDict()
+  c.task = "two_tower"
+  c.seed = 0
+  c.total_steps = 1200 if a.tiny else 20_000
+  c.log_every = 100 if a.tiny else 200
+  c.ckpt_every = 400 if a.tiny else 2000
+  c.keep_ckpts = 2
+  c.mesh = mlc.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # Regex on the parameter path -> PartitionSpec over ('data', 'fsdp', 'tensor').
+  c.partition_rules = (
+      (r"attn/(query|key|value)/kernel", ("fsdp", "tensor", None)),
+      (r"attn/out/kernel", ("tensor", None, "fsdp")),
+      (r"mlp/fc1/kernel", ("fsdp", "tensor")),
+      (r"mlp/fc2/kernel", ("tensor", "fsdp")),
+      (r"token_embedding/embedding", ("tensor", "fsdp")),
+      (r"_proj/kernel", ("fsdp", None)),
+  )
+
+  c.input = mlc.ConfigDict()
+  c.input.dataset = "shapes_captions"
+  c.input.data_dir = mlc.config_dict.placeholder(str)  # None: $BIGVL_DATA or ~/tensorflow_datasets
+  c.input.batch_size = 128 if a.tiny else 1024
+  c.input.captions_per_image = 1
+  c.input.max_len = 16
+  c.input.num_threads = 2
+
+  c.model = mlc.ConfigDict()
+  c.model.name = "two_tower"
+  width = 64 if a.tiny else 384
+  depth = 2 if a.tiny else 6
+  c.model.image = dict(patch_size=4, width=width, depth=depth, num_heads=4,
+                       mlp_dim=4 * width, pool="gap")
+  c.model.text = dict(width=width, depth=depth, num_heads=4, mlp_dim=4 * width, pool="eos")
+  c.model.embed_dim = width
+  c.model.temperature_init = 10.0  # t' = log 10
+  c.model.bias_init = -10.0
+  c.model.dtype = "float32"
+
+  c.loss = mlc.ConfigDict({"name": "sigmoid"})
+
+  c.optim = mlc.ConfigDict()
+  c.optim.name = "adamw"
+  c.optim.lr = 3e-3 if a.tiny else 1e-3
+  c.optim.wd = 1e-4
+  c.optim.clip_norm = 1.0
+  c.optim.b2 = 0.95
+  c.schedule = mlc.ConfigDict({"warmup_steps": 100 if a.tiny else 1000, "decay": "cosine"})
+
+  every = c.total_steps
+  c.evals = mlc.ConfigDict()
+  c.evals.zeroshot = dict(type="zeroshot", every=every, split="test", batch_size=256,
+                          prompts=("a {}", "a picture of a {}"))
+  c.evals.retrieval = dict(type="retrieval", every=every, split="test", batch_size=256,
+                           num_captions=5)
+  return c

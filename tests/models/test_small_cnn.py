@@ -1,0 +1,35 @@
+"""SmallCNN: same interface as WideResNet, any small input size, batch-norm behaviour."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bigvl.models.small_cnn import SmallCNN
+
+
+@pytest.mark.parametrize("shape,n_params", [((2, 28, 28, 1), 94_186), ((2, 8, 8, 1), 94_186),
+                                            ((2, 32, 32, 3), 94_762)])
+def test_shapes_and_size(shape, n_params):
+  model = SmallCNN(num_classes=10)
+  x = jax.random.normal(jax.random.key(0), shape)
+  variables = model.init(jax.random.key(1), x, train=False)
+  assert sum(p.size for p in jax.tree_util.tree_leaves(variables["params"])) == n_params
+  out = model.apply(variables, x, train=False)
+  assert out.shape == (2, 10) and out.dtype == jnp.float32
+  out, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  assert out.shape == (2, 10)
+  changed = [np.any(np.asarray(a) != np.asarray(b)) for a, b in zip(
+      jax.tree_util.tree_leaves(upd["batch_stats"]),
+      jax.tree_util.tree_leaves(variables["batch_stats"]), strict=True)]
+  assert all(changed)
+
+
+def test_dropout_needs_rng_only_in_train():
+  model = SmallCNN(num_classes=3, width=4, dropout_rate=0.5)
+  x = jnp.ones((2, 8, 8, 1))
+  variables = model.init(jax.random.key(0), x, train=False)
+  model.apply(variables, x, train=False)
+  out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                       rngs={"dropout": jax.random.key(1)})
+  assert out.shape == (2, 3)
