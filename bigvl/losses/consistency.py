@@ -35,6 +35,17 @@ _EPS = 1e-12
 # ---------------------------------------------------------------------------------------------
 
 
+def _safe_log(x: Array) -> Array:
+  """``log x`` for ``x > 0``, 0 elsewhere, with finite gradients (no 0 * inf = NaN)."""
+  pos = x > 0
+  return jnp.where(pos, jnp.log(jnp.where(pos, x, 1.0)), 0.0)
+
+
+def _xlogx(x: Array) -> Array:
+  """``x log x`` with ``0 log 0 = 0`` and a zero (not NaN) gradient at 0."""
+  return x * _safe_log(x)
+
+
 def cross_entropy(logits: Array, labels: Array) -> Array:
   """Per-example cross-entropy ``-sum_c y_c log softmax(logits)_c``.
 
@@ -74,7 +85,7 @@ def kl_divergence(p_target: Array, q_logits: Array) -> Array:
   """
   p = p_target.astype(jnp.float32)
   logq = jax.nn.log_softmax(q_logits.astype(jnp.float32), axis=-1)
-  return jnp.sum(jax.scipy.special.xlogy(p, p) - p * logq, axis=-1)
+  return jnp.sum(_xlogx(p) - p * logq, axis=-1)
 
 
 def js_divergence(p: Array, q: Array) -> Array:
@@ -86,9 +97,8 @@ def js_divergence(p: Array, q: Array) -> Array:
   p = p.astype(jnp.float32)
   q = q.astype(jnp.float32)
   m = 0.5 * (p + q)
-  xlogy = jax.scipy.special.xlogy
-  kl_pm = jnp.sum(xlogy(p, p) - xlogy(p, m), axis=-1)
-  kl_qm = jnp.sum(xlogy(q, q) - xlogy(q, m), axis=-1)
+  kl_pm = jnp.sum(_xlogx(p) - p * _safe_log(m), axis=-1)
+  kl_qm = jnp.sum(_xlogx(q) - q * _safe_log(m), axis=-1)
   return 0.5 * (kl_pm + kl_qm)
 
 
@@ -140,7 +150,8 @@ def sharpen(p: Array, temperature: float) -> Array:
 
   Computed as ``softmax(log p / T)`` for numerical safety; ``T -> 0`` tends to one-hot.
   """
-  logp = jnp.log(jnp.maximum(p.astype(jnp.float32), 0.0))  # log 0 = -inf is fine in softmax
+  p = p.astype(jnp.float32)
+  logp = jnp.where(p > 0, _safe_log(p), -jnp.inf)  # zero stays zero; no NaN gradients
   return jax.nn.softmax(logp / temperature, axis=-1)
 
 

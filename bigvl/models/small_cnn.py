@@ -5,8 +5,8 @@ Same interface as ``bigvl.models.wide_resnet.WideResNet``:
 ``batch_stats`` collection mutable in training. Three 3x3 conv -> BN -> leaky ReLU(0.1) stages
 (``width, 2 width, 4 width`` channels, strides 1, 2, 2), global average pooling, dense head, so
 any input size works (28x28x1, 8x8x1, 32x32x3). ``width=32``, 10 classes: 94,186 parameters
-on 1-channel inputs (94,762 on 3 channels). BN statistics are over the global batch under jit with sharded arrays (see
-``wide_resnet``).
+on 1-channel inputs (94,762 on 3 channels). BN statistics are over the global batch under jit
+with sharded arrays (see ``wide_resnet``).
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ def from_config(cfg, *, vocab_size: int, max_len: int) -> TwoTower:
 
   dtype = _DTYPES[check_choice("config.model.dtype", cfg.get("dtype", "float32"), _DTYPES)]
   image, text = cfg.image.to_dict(), cfg.text.to_dict()
-  text.update(vocab_size=vocab_size, max_len=max_len)
+  # Round the embedding table up so that it shards evenly over any mesh axis.
+  text.update(vocab_size=-(-vocab_size // 64) * 64, max_len=max_len)
   for name, fields, cls in (("image", image, ViT), ("text", text, TextTransformer)):
     unknown = set(fields) - set(cls.__dataclass_fields__) - {"parent", "name"}
     if unknown:
