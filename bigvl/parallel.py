@@ -47,7 +47,8 @@ def mesh_shape(mesh_cfg: Reader | dict, num_devices: int) -> tuple[int, ...]:
   if isinstance(mesh_cfg, Reader):
     extra = set(mesh_cfg.keys()) - set(MESH_AXES)
     if extra:
-      raise ConfigError(f"config.mesh has unknown axes {sorted(extra)}; axes are {MESH_AXES}")
+      raise ConfigError(f"config.mesh has unknown axes {sorted(extra)}; "
+                        f"axes are {MESH_AXES}")
   if sizes.count(-1) > 1:
     raise ConfigError("config.mesh: at most one axis may be -1")
   known = math.prod(s for s in sizes if s != -1)
@@ -56,8 +57,9 @@ def mesh_shape(mesh_cfg: Reader | dict, num_devices: int) -> tuple[int, ...]:
       raise ConfigError(f"config.mesh: {num_devices} devices not divisible by {known}")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ConfigError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
-                      f"devices, have {num_devices}")
+    shape = dict(zip(MESH_AXES, sizes, strict=True))
+    raise ConfigError(f"config.mesh {shape} needs {math.prod(sizes)} devices, "
+                      f"have {num_devices}")
   return tuple(sizes)
 
 
@@ -69,7 +71,7 @@ def make_mesh(mesh_cfg: Reader | dict, devices: Sequence[jax.Device] | None = No
 
 
 def path_str(path: tuple) -> str:
-  """``('params', 'img', 'Dense_0', 'kernel')`` from a tree path -> ``'params/img/Dense_0/kernel'``."""
+  """A tree path (``params``, ``img``, ``kernel``) -> ``'params/img/kernel'``."""
   parts = []
   for k in path:
     for attr in ("key", "name", "idx"):
@@ -84,7 +86,7 @@ def path_str(path: tuple) -> str:
 def _fit_spec(spec: tuple, shape: tuple[int, ...], mesh: Mesh, name: str) -> PartitionSpec:
   spec = tuple(spec)[: len(shape)]
   out = []
-  for dim, axis in zip(shape, spec):
+  for dim, axis in zip(shape, spec, strict=False):
     axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
     size = math.prod(mesh.shape[a] for a in axes)
     if axes and dim % size:

@@ -251,7 +251,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
             shown = ", ".join(f"{k} {v:.4f}" for k, v in res.items())
             print(f"bigvl: eval at step {step} ({time.perf_counter() - t0:.1f}s): {shown}",
                   flush=True)
-      if step == kill_at:
+      if step == kill_at:  # a hard kill, after the last checkpoint has landed on disk
+        ckpt.wait()
         os._exit(17)
       if step % run.ckpt_every == 0 or step == run.total_steps or preempt.requested:
         ckpt.save(step, state, data.get_state())

@@ -9,26 +9,34 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(data_dir: str, **overrides):
+def tiny_overrides(data_dir: str) -> dict:
   """configs/siglip_shapes.py:tiny shrunk to seconds: small dataset, width 32, 1 block."""
+  out = {"input.dataset": "shapes_captions/small", "input.data_dir": data_dir,
+         "input.batch_size": 16, "input.num_threads": 1, "total_steps": 6, "log_every": 2,
+         "ckpt_every": 3, "schedule.warmup_steps": 2, "model.embed_dim": 32,
+         "evals.zeroshot.batch_size": 64, "evals.retrieval.batch_size": 64}
+  for tower in ("image", "text"):
+    out.update({f"model.{tower}.width": 32, f"model.{tower}.depth": 1,
+                f"model.{tower}.num_heads": 2, f"model.{tower}.mlp_dim": 64})
+  return out
+
+
+def tiny_config(data_dir: str, **overrides):
+  """The config of :func:`tiny_overrides`, as a ConfigDict, with more overrides."""
   from bigvl.config import load_sibling
 
   c = load_sibling(os.path.join(REPO, "configs", "x.py"), "siglip_shapes").get_config("tiny")
-  c.input.dataset = "shapes_captions/small"
-  c.input.data_dir = data_dir
-  c.input.batch_size = 16
-  c.input.num_threads = 1
-  c.total_steps = 6
-  c.log_every = 2
-  c.ckpt_every = 3
-  c.schedule.warmup_steps = 2
-  for tower in ("image", "text"):
-    c.model[tower].update(width=32, depth=1, num_heads=2, mlp_dim=64)
-  c.model.embed_dim = 32
-  c.evals.zeroshot.batch_size = 64
-  c.evals.retrieval.batch_size = 64
-  c.update_from_flattened_dict(overrides)
+  flat = tiny_overrides(data_dir)
+  for key in [k for k in flat if k.startswith("model.image.") or k.startswith("model.text.")]:
+    tower, field = key.split(".")[1:]
+    c.model[tower][field] = flat.pop(key)
+  c.update_from_flattened_dict({**flat, **overrides})
   return c
+
+
+def tiny_flags(data_dir: str, **overrides) -> list[str]:
+  """The same as command-line overrides for ``python -m bigvl.main``."""
+  return [f"--config.{k}={v}" for k, v in {**tiny_overrides(data_dir), **overrides}.items()]
 
 
 def run_main(args: list[str], env_extra: dict | None = None, timeout: int = 600

@@ -245,3 +245,17 @@ def test_vat_loss_gradients_and_value():
 def test_distances_zero_on_equal(fn):
   p = jnp.array([[0.2, 0.3, 0.5]])
   np.testing.assert_allclose(fn(p, p), [0.0], atol=1e-7)
+
+
+def test_finite_gradients_with_zero_probabilities():
+  p = jnp.array([[1.0, 0.0, 0.0]])
+  z = jnp.array([[3.0, -200.0, 0.0]])  # softmax underflows to 0 in the middle class
+  grads = [
+      jax.grad(lambda z: C.js_divergence(p, jax.nn.softmax(z)).sum())(z),
+      jax.grad(lambda z: C.kl_divergence(jax.nn.softmax(z), z).sum())(z),
+      jax.grad(lambda z: C.sharpen(jax.nn.softmax(z), 0.5).sum())(z),
+      jax.grad(lambda z: C.mse(jax.nn.softmax(z), p).sum())(z),
+      jax.grad(lambda z: C.entropy(z).sum())(z),
+  ]
+  for g in grads:
+    assert np.all(np.isfinite(g)), g
