@@ -15,9 +15,9 @@ def get_config(arg=None):
   c = mlc.ConfigDict()
   c.task = "two_tower"
   c.seed = 0
-  c.total_steps = 1200 if a.tiny else 20_000
+  c.total_steps = 800 if a.tiny else 20_000
   c.log_every = 100 if a.tiny else 200
-  c.ckpt_every = 400 if a.tiny else 2000
+  c.ckpt_every = 200 if a.tiny else 2000
   c.keep_ckpts = 2
   c.mesh = mlc.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   # Regex on the parameter path -> PartitionSpec over ('data', 'fsdp', 'tensor').
@@ -58,7 +58,7 @@ def get_config(arg=None):
   c.optim.wd = 1e-4
   c.optim.clip_norm = 1.0
   c.optim.b2 = 0.95
-  c.schedule = mlc.ConfigDict({"warmup_steps": 100 if a.tiny else 1000, "decay": "cosine"})
+  c.schedule = mlc.ConfigDict({"warmup_steps": 80 if a.tiny else 1000, "decay": "cosine"})
 
   every = c.total_steps
   c.evals = mlc.ConfigDict()

@@ -56,3 +56,17 @@ class SmallCNN(nn.Module):
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name="head")(x)
     return x.astype(jnp.float32)
+
+
+def from_config(cfg, num_classes: int) -> SmallCNN:
+  """``config.model`` (``name='small_cnn'``): ``width`` (32), ``bn_momentum`` (0.99),
+  ``bn_epsilon`` (1e-3), ``dropout_rate`` (0), ``dtype``."""
+  from bigvl.config import check_choice, positive_int
+  from bigvl.models.wide_resnet import _DTYPES
+
+  dtype = _DTYPES[check_choice("config.model.dtype", cfg.get("dtype", "float32"), _DTYPES)]
+  return SmallCNN(num_classes=num_classes, width=positive_int(cfg, "width", 32),
+                  bn_momentum=float(cfg.typed("bn_momentum", float, 0.99)),
+                  bn_epsilon=float(cfg.typed("bn_epsilon", float, 1e-3)),
+                  dropout_rate=float(cfg.typed("dropout_rate", (float, int), 0.0)),
+                  dtype=dtype)

@@ -114,3 +114,22 @@ class WideResNet(nn.Module):
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name="head")(x)
     return x.astype(jnp.float32)
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def from_config(cfg, num_classes: int) -> WideResNet:
+  """``config.model`` (``name='wide_resnet'``): ``depth`` (28), ``width`` (2),
+  ``bn_momentum`` (0.999), ``bn_epsilon`` (1e-3), ``dropout_rate`` (0), ``dtype``."""
+  from bigvl.config import ConfigError, check_choice, positive_int
+
+  depth = positive_int(cfg, "depth", 28)
+  if (depth - 4) % 6:
+    raise ConfigError(f"config.model.depth must be 6n + 4, got {depth}")
+  dtype = _DTYPES[check_choice("config.model.dtype", cfg.get("dtype", "float32"), _DTYPES)]
+  return WideResNet(depth=depth, width=positive_int(cfg, "width", 2), num_classes=num_classes,
+                    bn_momentum=float(cfg.typed("bn_momentum", float, 0.999)),
+                    bn_epsilon=float(cfg.typed("bn_epsilon", float, 1e-3)),
+                    dropout_rate=float(cfg.typed("dropout_rate", (float, int), 0.0)),
+                    dtype=dtype)

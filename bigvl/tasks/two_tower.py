@@ -2,33 +2,88 @@
 
 * SigLIP (Zhai et al. 2023): ``L = -1/N sum_ij log sigmoid(z_ij (t <x_i, y_j> + b))``.
 * CLIP (Radford et al. 2021): symmetric InfoNCE with scale ``t``.
-* FFF (Bulat et al. 2024): K captions per image (``input.captions_per_image``), each a
-  positive of its image, so the [N, N*K] target has K ones per row.
+* FFF (Bulat et al., CVPR 2024, "FFF: Fixing Flawed Foundations in contrastive pre-training
+  results in very strong Vision-Language models"): the sigmoid loss with a multi-positive
+  target ``P``. Batch text augmentation: K captions per image (``input.captions_per_image``),
+  all positives of their image (texts carry their image's id, the "owner"), so ``P`` has K ones
+  per row. False-negative mining (``loss.mining``): pairs whose image-image, text-text or
+  image-text cosine (of the model's own stop-gradient embeddings, or of a frozen teacher's) is
+  above a threshold are positives too (``bigvl.losses.mining.mine_positives``)::
+
+      P_ij = [owner(j) == i] or [cos(x_i, x_owner(j)) >= thr_ii]
+             or [exists k, owner(k) == i: cos(y_k, y_j) >= thr_tt] or [cos(x_i, y_j) >= thr_it]
+
+``loss.impl``: ``dense`` computes the [N, N K] logits of the (global) batch under jit;
+``ring`` runs ``ring_sigmoid_loss`` in ``jax.shard_map`` over the batch axes ``('data',
+'fsdp')``: text blocks with their owner ids travel around the devices and no device holds more
+than an [n, n K] chunk of logits. Mining always runs on the gathered (global) embeddings, then
+hands the ring its rows of the mined mask (``[n, N K]`` bools per device) or, with
+``loss.mining.max_per_image``, up to that many mined text ids per image.
 
 Config read: ``input.{dataset, data_dir, train_split, batch_size, captions_per_image,
 max_len, tokenizer, vocab_size, image_size, image_key, text_key, num_threads}``,
-``model.*`` (``bigvl.models.two_tower``), ``loss.{name: sigmoid|softmax}``.
+``model.*`` (``bigvl.models.two_tower``), ``loss.{name: sigmoid|softmax, impl: dense|ring}``,
+``loss.mining.{source: none|self|teacher, teacher_ckpt, thr_ii, thr_tt, thr_it, start_step,
+max_per_image}`` (see ``docs/fff.md``).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from bigvl import parallel, registry
 from bigvl.config import ConfigError, Reader, check_choice, positive_int
 from bigvl.data import image_text, pipeline, sources
-from bigvl.losses import contrastive
+from bigvl.losses import contrastive, mining
 from bigvl.tasks import base
+
+MINING_SOURCES = ("none", "self", "teacher")
+
+
+def owner_ids(num_images: int, captions_per_image: int) -> jax.Array:
+  """[N*K] int32: text j (flattened image-major) belongs to image ``j // K``."""
+  return jnp.arange(num_images * captions_per_image, dtype=jnp.int32) // captions_per_image
 
 
 def owner_positives(num_images: int, captions_per_image: int) -> jax.Array:
   """[N, N*K] mask: text j (flattened image-major) is a positive of image ``j // K``."""
-  owners = jnp.arange(num_images * captions_per_image) // captions_per_image
-  return (jnp.arange(num_images)[:, None] == owners[None, :]).astype(jnp.float32)
+  return contrastive.positives_from_owners(jnp.arange(num_images),
+                                           owner_ids(num_images, captions_per_image))
+
+
+def _threshold(r: Reader, name: str, default: float) -> float | None:
+  """A cosine threshold in [-1, 1]; an explicit None turns the test off, a missing key is the
+  default."""
+  if name in r.keys() and name not in r:  # present and None
+    r.mark_read(name)
+    return None
+  value = r.typed(name, (float, int), default)
+  if not -1.0 <= value <= 1.0:
+    raise ConfigError(f"{r.path}.{name} is a cosine threshold in [-1, 1] (or None), "
+                      f"got {value!r}")
+  return float(value)
+
+
+def checkpoint_step_dir(path: str) -> str:
+  """The newest step directory of a bigvl checkpoint: ``path`` may be a workdir, its
+  ``checkpoints`` directory or one step directory (holding ``state``)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(os.path.join(path, "state")):
+    return path
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+  if not steps:
+    raise ConfigError(f"config.loss.mining.teacher_ckpt={path!r} holds no bigvl checkpoint "
+                      f"(a workdir, its checkpoints/ directory or a step directory)")
+  return os.path.join(path, str(steps[-1]))
 
 
 class Task(base.Task):
@@ -55,14 +110,97 @@ class Task(base.Task):
         self.tokenizer, self.max_len, captions_per_image=self.k, image_size=self.image_size,
         image_key=inp.typed("image_key", str, "image"), text_key=text_key)
 
-    self.loss_name = check_choice("config.loss.name", config.loss.name, ("sigmoid", "softmax"))
+    loss = config.loss
+    self.loss_name = check_choice("config.loss.name", loss.name, ("sigmoid", "softmax"))
+    self.impl = check_choice("config.loss.impl", loss.typed("impl", str, "dense"),
+                             ("dense", "ring"))
     if self.loss_name == "softmax" and self.k != 1:
       raise ConfigError("config.loss.name='softmax' has one positive per image: it needs "
                         "input.captions_per_image=1 (use the sigmoid loss for K > 1)")
+    if self.loss_name == "softmax" and self.impl != "dense":
+      raise ConfigError("config.loss.impl='ring' is the chunked sigmoid loss: it needs "
+                        "loss.name='sigmoid'")
     model_mod = registry.load("models", config.model.name, "model")
     self.model = model_mod.from_config(config.model, vocab_size=self.tokenizer.vocab_size,
                                        max_len=self.max_len)
+    self._read_mining(loss.get("mining") or Reader({}, "config.loss.mining"))
+    if self.mining != "none":
+      self.progress_keys = Task.progress_keys + ("mined_per_image",)
 
+  def _read_mining(self, m: Reader) -> None:
+    self.mining = check_choice("config.loss.mining.source", m.typed("source", str, "none"),
+                               MINING_SOURCES)
+    self.thr_ii = _threshold(m, "thr_ii", mining.DEFAULT_THR_II)
+    self.thr_tt = _threshold(m, "thr_tt", mining.DEFAULT_THR_TT)
+    self.thr_it = _threshold(m, "thr_it", mining.DEFAULT_THR_IT)
+    self.start_step = m.typed("start_step", int, 0)
+    if self.start_step < 0:
+      raise ConfigError(f"config.loss.mining.start_step must be >= 0, got {self.start_step}")
+    self.max_per_image = positive_int(m, "max_per_image", None)
+    if self.max_per_image and self.impl != "ring":
+      raise ConfigError("config.loss.mining.max_per_image (mined positives as text ids) is "
+                        "for loss.impl='ring'; the dense loss takes the mask")
+    teacher = m.typed("teacher_ckpt", str, None)
+    if self.mining == "none":
+      return
+    if self.loss_name != "sigmoid":
+      raise ConfigError("config.loss.mining needs loss.name='sigmoid' (mined pairs are extra "
+                        "positives, which the softmax loss cannot have)")
+    if (self.thr_ii, self.thr_tt, self.thr_it) == (None, None, None):
+      raise ConfigError("config.loss.mining: every threshold is None, nothing can be mined; "
+                        "set loss.mining.source='none' instead")
+    self.teacher_dir = None
+    if self.mining == "teacher":
+      if not teacher:
+        raise ConfigError("config.loss.mining.source='teacher' needs loss.mining.teacher_ckpt "
+                          "(the workdir of a previous two-tower run)")
+      self.teacher_dir = checkpoint_step_dir(teacher)
+      self._check_teacher()
+    self._teacher_np = None
+
+  # --- the frozen teacher ----------------------------------------------------------------
+  def _abstract_params(self) -> Any:
+    ex = self.transform(self.source[0], np.random.default_rng(0))
+    image = jax.ShapeDtypeStruct((1,) + ex["image"].shape, jnp.float32)
+    tokens = jax.ShapeDtypeStruct((1, ex["tokens"].shape[-1]), jnp.int32)
+    return jax.eval_shape(self.model.init, jax.random.PRNGKey(0), image, tokens)["params"]
+
+  def _check_teacher(self) -> None:
+    """The teacher checkpoint's params have this run's model shapes (before compiling)."""
+    import orbax.checkpoint as ocp
+
+    try:
+      meta = ocp.PyTreeCheckpointer().metadata(os.path.join(self.teacher_dir, "state"))
+      meta = getattr(meta, "item_metadata", meta)
+      meta = getattr(meta, "tree", meta)["params"]
+    except Exception as e:  # noqa: BLE001 -- unreadable or not a bigvl state
+      raise ConfigError(f"config.loss.mining.teacher_ckpt: cannot read the params of "
+                        f"{self.teacher_dir}: {type(e).__name__}: {str(e)[:200]}") from None
+    want = jax.tree_util.tree_leaves_with_path(self._abstract_params())
+    got = {parallel.path_str(p): tuple(x.shape)
+           for p, x in jax.tree_util.tree_leaves_with_path(meta)}
+    for path, leaf in want:
+      name = parallel.path_str(path)
+      if got.get(name) != tuple(leaf.shape):
+        raise ConfigError(f"config.loss.mining.teacher_ckpt {self.teacher_dir}: parameter "
+                          f"{name} is {got.get(name)} there but {tuple(leaf.shape)} in this "
+                          f"model (the teacher must have the same config.model)")
+
+  def _teacher_params(self, abstract: Any) -> Any:
+    """The teacher's params as host numpy arrays (read once)."""
+    if self._teacher_np is None:
+      import orbax.checkpoint as ocp
+
+      restore = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+      args = ocp.args.PyTreeRestore(item={"params": abstract},
+                                    restore_args={"params": restore}, partial_restore=True)
+      out = ocp.PyTreeCheckpointer().restore(os.path.join(self.teacher_dir, "state"),
+                                             args=args)
+      self._teacher_np = jax.tree.map(lambda x, a: np.asarray(x, a.dtype), out["params"],
+                                      abstract)
+    return self._teacher_np
+
+  # --- host side -------------------------------------------------------------------------
   @property
   def num_train_examples(self) -> int:
     return len(self.source)
@@ -74,7 +212,14 @@ class Task(base.Task):
   # --- pure functions --------------------------------------------------------------------
   def init(self, rng: jax.Array, batch: Any) -> tuple[Any, Any]:
     tokens = batch["tokens"].reshape(-1, batch["tokens"].shape[-1])
-    return self.model.init(rng, batch["image"], tokens)["params"], {}
+    params = self.model.init(rng, batch["image"], tokens)["params"]
+    state = {}
+    if self.mining == "teacher":
+      # Restored on the host and returned from the jitted init, so the teacher is sharded by
+      # the partition rules and checkpointed with the run (a resumed run does not re-read it).
+      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+      state["teacher"] = jax.tree.map(jnp.asarray, self._teacher_params(abstract))
+    return params, state
 
   def embed_images(self, params: Any, images: jax.Array) -> jax.Array:
     return self.model.apply({"params": params}, images, method="embed_images")
@@ -82,21 +227,67 @@ class Task(base.Task):
   def embed_texts(self, params: Any, tokens: jax.Array) -> jax.Array:
     return self.model.apply({"params": params}, tokens, method="embed_texts")
 
+  def _mine(self, state, images, tokens, zimg, ztxt, owners) -> mining.MiningResult:
+    if self.mining == "teacher":
+      zimg, ztxt, _, _ = self.model.apply({"params": state["teacher"]}, images, tokens)
+    return mining.mine_positives(zimg, ztxt, owners, thr_ii=self.thr_ii, thr_tt=self.thr_tt,
+                                 thr_it=self.thr_it)
+
+  def _ring_loss(self, zimg, ztxt, t, b, owners, **extra) -> jax.Array:
+    """``ring_sigmoid_loss`` over the batch axes; ``extra``: per-image ``positives`` rows or
+    ``extra_pos_txt_ids``, split like the images."""
+    axes = parallel.BATCH_AXES
+    rows = P(axes)
+
+    def local(zi, zt, t, b, own, extra):
+      return contrastive.ring_sigmoid_loss(zi, zt, t, b, axis_name=axes, txt_owner_ids=own,
+                                           **extra)
+
+    fn = jax.shard_map(local, mesh=self.mesh, out_specs=P(),
+                       in_specs=(rows, rows, P(), P(), rows, {k: rows for k in extra}))
+    return fn(zimg, ztxt, t, b, owners, extra)
+
   def loss(self, params, state, batch, rng, step):
     images, tokens = batch["image"], batch["tokens"]
     n, k = tokens.shape[0], tokens.shape[1]
-    zimg, ztxt, t, b = self.model.apply({"params": params}, images,
-                                        tokens.reshape(n * k, -1))
-    positives = owner_positives(n, k)
-    if self.loss_name == "sigmoid":
-      loss = contrastive.sigmoid_loss(zimg, ztxt, t, b, positives=positives)
-    else:
+    tokens = tokens.reshape(n * k, -1)
+    zimg, ztxt, t, b = self.model.apply({"params": params}, images, tokens)
+    owners = owner_ids(n, k)
+    metrics = {}
+    mined = None
+    if self.mining != "none":
+      res = self._mine(state, images, tokens, zimg, ztxt, owners)
+      on = step >= self.start_step
+      mined = (res.positives > 0) & (res.base == 0) & on  # [N, N K] bool, mined pairs only
+      num = jnp.where(on, res.num_mined, 0)
+      metrics.update(mined_positives=num, mined_per_image=num / n,
+                     mined_ii=jnp.where(on, res.num_ii, 0), mined_tt=jnp.where(on, res.num_tt, 0),
+                     mined_it=jnp.where(on, res.num_it, 0))
+
+    if self.loss_name == "softmax":
       loss = contrastive.softmax_contrastive_loss(zimg, ztxt, t)
       b = jnp.zeros_like(b)
-    logits = contrastive.pairwise_logits(jax.lax.stop_gradient(zimg),
-                                         jax.lax.stop_gradient(ztxt), t, b)
-    npos = positives.sum()
-    metrics = {"t": t, "b": b,
-               "pos_logit": (logits * positives).sum() / npos,
-               "neg_logit": (logits * (1 - positives)).sum() / (positives.size - npos)}
+    elif self.impl == "dense":
+      positives = contrastive.positives_from_owners(jnp.arange(n), owners)
+      if mined is not None:
+        positives = jnp.maximum(positives, mined.astype(positives.dtype))
+      loss = contrastive.sigmoid_loss(zimg, ztxt, t, b, positives=positives)
+    else:
+      extra = {}
+      if mined is not None and self.max_per_image:
+        ids, dropped = contrastive.positive_ids_from_mask(mined, self.max_per_image)
+        extra["extra_pos_txt_ids"] = ids
+        metrics["mined_dropped"] = dropped
+      elif mined is not None:
+        extra["positives"] = mined
+      loss = self._ring_loss(zimg, ztxt, t, b, owners, **extra)
+
+    # Mean logits of the N K owner pairs and of all other pairs, in O((N + N K) D): the ring
+    # never materialises the [N, N K] logits, and these metrics do not either.
+    zi, zt = jax.lax.stop_gradient(zimg), jax.lax.stop_gradient(ztxt)
+    m = n * k
+    pos_dot = jnp.sum(jnp.repeat(zi, k, axis=0) * zt)
+    all_dot = jnp.dot(zi.sum(axis=0), zt.sum(axis=0))
+    metrics.update(t=t, b=b, pos_logit=t * pos_dot / m + b,
+                   neg_logit=t * (all_dot - pos_dot) / max(n * m - m, 1) + b)
     return loss, (metrics, state)
