@@ -30,9 +30,20 @@ log = logging.getLogger(__name__)
 
 
 def initialize_distributed() -> None:
-  """``jax.distributed.initialize()`` on multi-host launches (env set by launch/ scripts)."""
-  if os.environ.get("BIGVL_MULTIHOST") == "1" and jax.process_count() == 1:
-    jax.distributed.initialize()
+  """``jax.distributed.initialize()`` on multi-host launches (``BIGVL_MULTIHOST=1``, set by
+  the launch/ scripts). Explicit ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+  ``JAX_PROCESS_ID`` are passed on (local multi-process runs); otherwise JAX finds the
+  cluster itself (Cloud TPU, SLURM)."""
+  if os.environ.get("BIGVL_MULTIHOST") != "1":
+    return
+  kwargs = {}
+  if "JAX_COORDINATOR_ADDRESS" in os.environ:
+    kwargs = {"coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"],
+              "num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
+              "process_id": int(os.environ["JAX_PROCESS_ID"])}
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
 
 
 def mesh_shape(mesh_cfg: Reader | dict, num_devices: int) -> tuple[int, ...]:

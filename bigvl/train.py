@@ -205,7 +205,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
     if data_state:
       data.set_state(data_state)
     metrics.truncate_jsonl(writer.jsonl_path, step)
-    print(f"bigvl: resumed from step {step} ({ckpt.directory})", flush=True)
+    if jax.process_index() == 0:
+      print(f"bigvl: resumed from step {step} ({ckpt.directory})", flush=True)
   del example
   if jax.process_index() == 0:
     print(f"bigvl: task={config.task} params={_count_params(state['params']) / 1e6:.2f}M "

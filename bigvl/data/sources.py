@@ -70,6 +70,8 @@ def tfds_builder(name: str, root: str):
       raise ConfigError(f"dataset {name!r} is not prepared under {root}; run `tfds build "
                         f"{name} --data_dir={root} --file_format=array_record` first")
     _prepare_locked(builder, root)
+    # Re-open: another process may have prepared it while we waited for the lock.
+    builder = tfds.builder(name, data_dir=root, file_format="array_record")
   return builder
 
 
