@@ -40,6 +40,33 @@ def truncate_jsonl(path: str, max_step: int) -> None:
   os.replace(path + ".tmp", path)
 
 
+# Dense bf16 peak FLOP/s per device, by jax's device_kind (vendor datasheets).
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+  for name, value in PEAK_FLOPS.items():
+    if device_kind.startswith(name):
+      return value
+  return None
+
+
+def compiled_flops(compiled: Any) -> float | None:
+  """FLOPs of one call of a compiled (SPMD-partitioned: per-device) XLA program."""
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0))
+    return flops if flops > 0 else None
+  except Exception:  # noqa: BLE001 -- not every backend reports costs
+    return None
+
+
 def read_jsonl(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(ln) for ln in f if ln.strip()]
@@ -49,7 +76,7 @@ class MetricWriter:
   """Writes scalars to jsonl + TensorBoard, prints the progress line."""
 
   def __init__(self, workdir: str, total_steps: int, batch_size: int, tensorboard: bool = True,
-               stream: Any = None):
+               stream: Any = None, step_flops: float | None = None):
     self.active = jax.process_index() == 0
     self.total_steps, self.batch_size = total_steps, batch_size
     self.stream = stream or sys.stdout
@@ -61,6 +88,21 @@ class MetricWriter:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
     self._t0, self._step0 = None, None
+    self.step_flops = step_flops  # per device
+    self.peak = peak_flops(jax.devices()[0].device_kind)
+
+  def compute_metrics(self, step: int) -> dict[str, float]:
+    """examples/s, and per-device TFLOP/s and MFU where the step's FLOPs are known."""
+    ex_s, _ = self.throughput(step)
+    if not math.isfinite(ex_s):
+      return {}
+    out = {"examples_per_s": ex_s}
+    if self.step_flops:
+      achieved = self.step_flops * ex_s / self.batch_size
+      out["tflops_per_device"] = achieved / 1e12
+      if self.peak:
+        out["mfu"] = achieved / self.peak
+    return out
 
   def start(self, step: int) -> None:
     self._t0, self._step0 = time.perf_counter(), step
@@ -92,6 +134,8 @@ class MetricWriter:
       if k in scalars:
         parts.append(f"{k} {scalars[k]:.4g}")
     parts.append(f"{ex_s:.0f} ex/s" if math.isfinite(ex_s) else "- ex/s")
+    if "mfu" in scalars:
+      parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
     parts.append(f"ETA {_fmt_time(eta)}")
     print(" | ".join(parts), file=self.stream, flush=True)
 

@@ -49,6 +49,7 @@ class Run:
   log_every: int
   ckpt_every: int
   keep_ckpts: int
+  microbatches: int
   evaluators: list  # (name, evaluator, every)
 
 
@@ -93,22 +94,55 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Run
   run = Run(config=config, task=task, mesh=mesh, rules=rules, tx=tx, schedule=sched,
             seed=seed, total_steps=total, log_every=positive_int(r, "log_every"),
             ckpt_every=positive_int(r, "ckpt_every"),
-            keep_ckpts=positive_int(r, "keep_ckpts", 2), evaluators=evaluators)
+            keep_ckpts=positive_int(r, "keep_ckpts", 2),
+            microbatches=positive_int(r, "microbatches", 1), evaluators=evaluators)
+  shards = run.microbatches * int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
+  if task.batch_size % shards:
+    raise ConfigError(f"config.input.batch_size={task.batch_size} is not divisible by "
+                      f"microbatches x data shards = {shards}")
   r.check_all_read()
   return run
 
 
-def make_train_step(task: Task, tx: optax.GradientTransformation, sched: optax.Schedule):
-  """The pure train step ``(state, batch) -> (state, metrics)``; not yet jitted."""
+def make_train_step(task: Task, tx: optax.GradientTransformation, sched: optax.Schedule,
+                    microbatches: int = 1):
+  """The pure train step ``(state, batch) -> (state, metrics)``; not yet jitted.
+
+  ``microbatches > 1`` accumulates gradients over that many slices of the batch in a
+  ``lax.scan`` (same update as one big batch for losses that are means over examples; a
+  contrastive loss then sees each slice's negatives only). Slice ``i`` takes rows
+  ``i, i + m, i + 2m, ...`` so every device keeps its own rows: no communication.
+  """
+
+  def grads_of(params, extra, batch, rng, step):
+    def loss_fn(p):
+      return task.loss(p, extra, batch, rng, step)
+    (loss, (aux, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, aux, extra, grads
+
+  def accumulated(params, extra, batch, rng, step):
+    m = microbatches
+    slices = jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1), batch)
+
+    def body(carry, inp):
+      extra, acc = carry
+      i, mb = inp
+      loss, aux, extra, grads = grads_of(params, extra, mb, jax.random.fold_in(rng, i), step)
+      return (extra, jax.tree.map(jnp.add, acc, grads)), (loss, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (extra, grads), (losses, auxs) = jax.lax.scan(body, (extra, zeros),
+                                                  (jnp.arange(m), slices))
+    mean = lambda x: jnp.mean(x, axis=0)
+    return (mean(losses), jax.tree.map(mean, auxs), extra,
+            jax.tree.map(lambda g: g / m, grads))
 
   def train_step(state: dict, batch: Any) -> tuple[dict, dict]:
     step = state["step"]
     rng = jax.random.fold_in(state["rng"], step)
-
-    def loss_fn(params):
-      return task.loss(params, state["extra"], batch, rng, step)
-
-    (loss, (aux, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    fn = grads_of if microbatches == 1 else accumulated
+    loss, aux, extra, grads = fn(state["params"], state["extra"], batch, rng, step)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     extra = task.after_step(params, extra, step)
@@ -151,7 +185,7 @@ def compile_run(run: Run, example_batch: Any) -> Compiled:
   shardings = parallel.tree_shardings(shapes, run.rules, run.mesh)
   init = jax.jit(init_fn, out_shardings=shardings)
   batch_sh = jax.tree.map(lambda _: parallel.batch_sharding(run.mesh), example_batch)
-  step = jax.jit(make_train_step(run.task, run.tx, run.schedule),
+  step = jax.jit(make_train_step(run.task, run.tx, run.schedule, run.microbatches),
                  in_shardings=(shardings, batch_sh),
                  out_shardings=(shardings, parallel.replicated(run.mesh)), donate_argnums=0)
   return Compiled(init, step, checkpoint.abstract_with_shardings(shapes, shardings), shardings)
@@ -196,7 +230,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
   fns = compile_run(run, example)
   ckpt = checkpoint.Checkpointer(workdir, keep=run.keep_ckpts)
   restored = ckpt.restore_latest(fns.abstract_state)
-  writer = metrics.MetricWriter(workdir, run.total_steps, task.batch_size)
   if restored is None:
     state = fns.init(example)
     step = 0
@@ -204,9 +237,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
     step, state, data_state = restored
     if data_state:
       data.set_state(data_state)
-    metrics.truncate_jsonl(writer.jsonl_path, step)
     if jax.process_index() == 0:
       print(f"bigvl: resumed from step {step} ({ckpt.directory})", flush=True)
+  train_step = fns.step.lower(state, example).compile()
+  writer = metrics.MetricWriter(workdir, run.total_steps, task.batch_size,
+                                step_flops=metrics.compiled_flops(train_step))
+  if restored is not None:
+    metrics.truncate_jsonl(writer.jsonl_path, step)
   del example
   if jax.process_index() == 0:
     print(f"bigvl: task={config.task} params={_count_params(state['params']) / 1e6:.2f}M "
@@ -220,15 +257,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
   try:
     while step < run.total_steps:
       batch = parallel.global_batch(next(data), mesh)
-      state, aux = fns.step(state, batch)
+      state, aux = train_step(state, batch)
       step += 1
       if writer._t0 is None:
         jax.block_until_ready(aux["loss"])
         writer.start(step)
       if step % run.log_every == 0 or step == run.total_steps:
         scalars = {k: float(v) for k, v in jax.device_get(aux).items()}
-        ex_s, _ = writer.throughput(step)
-        scalars["examples_per_s"] = ex_s if np.isfinite(ex_s) else 0.0
+        scalars.update(writer.compute_metrics(step))
         scalars["data_skipped"] = data.num_skipped
         skipped = int(scalars["skipped_steps"])
         if skipped > skipped_logged:

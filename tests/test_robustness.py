@@ -92,3 +92,19 @@ def test_unreadable_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
   assert "step 2" in caplog.text and "unreadable" in caplog.text
   fresh.close()
   ckpt.close()
+
+
+def test_microbatched_step_equals_full_batch():
+  task = _Linear(None, None)
+  rng = np.random.default_rng(0)
+  batch = {"x": rng.normal(size=(8, 3)).astype(np.float32),
+           "y": rng.normal(size=8).astype(np.float32), "d": np.ones(8, np.float32)}
+  outs = []
+  for m in (1, 4):
+    tx, state = _state({"w": jnp.asarray([0.5, -1.0, 2.0])})
+    step = jax.jit(train.make_train_step(task, tx, optax.constant_schedule(0.1), m))
+    new, aux = step(state, batch)
+    outs.append((np.asarray(new["params"]["w"]), float(aux["loss"])))
+  np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-6)
+  np.testing.assert_allclose(outs[1][1], outs[0][1], rtol=1e-6)
+  assert not np.allclose(outs[0][0], [0.5, -1.0, 2.0])
