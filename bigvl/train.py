@@ -257,7 +257,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
   try:
     while step < run.total_steps:
       batch = parallel.global_batch(next(data), mesh)
-      state, aux = train_step(state, batch)
+      with jax.transfer_guard("disallow"):  # no hidden host<->device copies in the step
+        state, aux = train_step(state, batch)
       step += 1
       if writer._t0 is None:
         jax.block_until_ready(aux["loss"])

@@ -21,11 +21,11 @@ def tiny_overrides(data_dir: str) -> dict:
   return out
 
 
-def tiny_config(data_dir: str, **overrides):
-  """The config of :func:`tiny_overrides`, as a ConfigDict, with more overrides."""
+def tiny_config(data_dir: str, config: str = "siglip_shapes", arg: str = "tiny", **overrides):
+  """``configs/<config>.py:<arg>`` with :func:`tiny_overrides` and more overrides."""
   from bigvl.config import load_sibling
 
-  c = load_sibling(os.path.join(REPO, "configs", "x.py"), "siglip_shapes").get_config("tiny")
+  c = load_sibling(os.path.join(REPO, "configs", "x.py"), config).get_config(arg)
   flat = tiny_overrides(data_dir)
   for key in [k for k in flat if k.startswith("model.image.") or k.startswith("model.text.")]:
     tower, field = key.split(".")[1:]
