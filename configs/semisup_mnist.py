@@ -87,7 +87,10 @@ def get_config(arg=None):
   if a.method == "vat":
     c.semisup.eps = 6.5
   if tiny:
-    c.model = mlc.ConfigDict({"name": "small_cnn", "width": TINY_WIDTH, "bn_momentum": 0.99})
+    # 4 stages: a 17-pixel receptive field before the pooling (3 stages see only 9x9 patches
+    # of a 28x28 digit: 31% vs 15% test error with 100 labels, supervised, 500 steps).
+    c.model = mlc.ConfigDict({"name": "small_cnn", "width": TINY_WIDTH, "stages": 4,
+                              "bn_momentum": 0.99})
     c.input.num_threads = 1
     if "mu" in c.semisup:
       c.semisup.mu = min(c.semisup.mu, TINY_MAX_MU)
@@ -95,13 +98,13 @@ def get_config(arg=None):
     if a.method == "mean_teacher":
       c.semisup.ema_decay = 0.99  # 0.999 averages over more steps than a tiny run has
     c.optim = mlc.ConfigDict({"name": "adamw", "lr": 3e-3, "wd": 1e-4})
-    c.schedule = mlc.ConfigDict({"warmup_steps": 0, "decay": "cosine", "end_frac": 0.05})
+    c.schedule = mlc.ConfigDict({"warmup_steps": 0, "decay": "cosine", "end_frac": 0.2})
     c.evals.test.every = steps
     c.evals.test.batch_size = 1000
   return c
 
 
-TINY_STEPS = 600
-TINY_BATCH = 32
+TINY_STEPS = 1500
+TINY_BATCH = 16
 TINY_WIDTH = 16
-TINY_MAX_MU = 4
+TINY_MAX_MU = 2

@@ -4,8 +4,15 @@ With C captions per image: image->text counts a hit when any of the image's capt
 in the top K of all N*C captions; text->image when a caption's image ranks in the top K of
 the N images. Reports ``i2t_R@{1,5,10}``, ``t2i_R@{1,5,10}`` and ``chance_R@1`` (= 1/N).
 
+Scene-aware recall (``scene_key``, e.g. ``'scene_id'`` of ``shapes_captions``): where several
+images show the same scene (near duplicates with equivalent captions), the standard metric
+counts a caption of a duplicate as a miss although it describes the query just as well. With
+``scene_key`` set the evaluator also reports ``i2t_scene_R@K`` / ``t2i_scene_R@K``: a hit when
+any item of the query's scene (a caption of any image with the same scene id, resp. any such
+image) ranks in the top K, ties counting against the query as above.
+
 Config: ``type='retrieval'``, ``every``, ``dataset``, ``split``, ``batch_size``,
-``num_captions``, ``ks``.
+``num_captions``, ``ks``, ``scene_key`` (default None: standard recall only).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
-from bigvl.config import Reader
+from bigvl.config import ConfigError, Reader
 from bigvl.evaluators._embedding import SplitEmbedder
 
 
@@ -39,11 +46,56 @@ def recall_at_k(zimg: np.ndarray, ztxt: np.ndarray, ks: tuple[int, ...]) -> dict
   return out
 
 
+def scene_recall_at_k(zimg: np.ndarray, ztxt: np.ndarray, scene: np.ndarray,
+                      ks: tuple[int, ...]) -> dict[str, float]:
+  """Recall@K where every item of the query's scene is correct.
+
+  zimg: [N, E], ztxt: [N, C, E] (captions of image i in ``ztxt[i]``), scene: [N] scene ids.
+  Image->text: rank = the number of captions of other scenes scoring >= the best caption of the
+  query's scene; text->image: the number of images of other scenes scoring >= the best image of
+  the caption's scene.
+  """
+  n, c, _ = ztxt.shape
+  sims = zimg @ ztxt.reshape(n * c, -1).T  # [N, N*C]
+  same = scene[:, None] == np.repeat(scene, c)[None, :]  # [N, N*C]
+  pos_best = np.max(np.where(same, sims, -np.inf), axis=1)
+  i2t_rank = np.sum(np.where(same, -np.inf, sims) >= pos_best[:, None], axis=1)
+  pos_best_img = np.max(np.where(same, sims, -np.inf), axis=0)
+  t2i_rank = np.sum(np.where(same, -np.inf, sims) >= pos_best_img[None, :], axis=0)
+  out = {}
+  for k in ks:
+    out[f"i2t_scene_R@{k}"] = float(np.mean(i2t_rank < k))
+    out[f"t2i_scene_R@{k}"] = float(np.mean(t2i_rank < k))
+  return out
+
+
 class Evaluator:
   def __init__(self, cfg: Reader, task: Any, mesh: Mesh):
     self.embedder = SplitEmbedder(cfg, task, mesh)
     self.ks = tuple(cfg.get("ks", (1, 5, 10)))
+    self.scene_key = cfg.typed("scene_key", str, None)
+    self._scene = None
+    if self.scene_key is not None:
+      info = self.embedder.info
+      features = getattr(info, "features", None)
+      if features is not None and self.scene_key not in features:
+        raise ConfigError(f"{cfg.path}.scene_key={self.scene_key!r} is not a feature of "
+                          f"{self.embedder.dataset}: {', '.join(features)}")
+
+  def scene_ids(self) -> np.ndarray:
+    """[N] scene ids of the split, in the embedder's order (read once)."""
+    if self._scene is None:
+      ids, last = [], None
+      for i in range(len(self.embedder.source)):
+        ex = self.embedder.source[i]
+        last = np.asarray(ex[self.scene_key]).item() if ex is not None else last
+        ids.append(last)  # an unreadable record is replaced by its predecessor, as embedded
+      self._scene = np.asarray(ids)
+    return self._scene
 
   def run(self, params: Any, state: Any = None) -> dict[str, float]:
     emb = self.embedder.embed(params)
-    return recall_at_k(emb["zimg"], emb["ztxt"], self.ks)
+    out = recall_at_k(emb["zimg"], emb["ztxt"], self.ks)
+    if self.scene_key is not None:
+      out.update(scene_recall_at_k(emb["zimg"], emb["ztxt"], self.scene_ids(), self.ks))
+    return out

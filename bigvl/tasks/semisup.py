@@ -345,7 +345,8 @@ class Task(base.Task):
       seen = count > 0
       target = ens / jnp.where(seen, 1.0 - alpha ** count.astype(jnp.float32), 1.0)[:, None]
       unsup = jnp.mean(seen * C.mse(z, jax.lax.stop_gradient(target)))
-      new_ens, _ = C.temporal_ensemble_update(ens, jax.lax.stop_gradient(z), alpha, count + 1)
+      new_ens, _ = C.temporal_ensemble_update(ens, jax.lax.stop_gradient(z), alpha,
+                                              (count + 1)[:, None])
       new_state["ensemble"] = state["ensemble"].at[idx].set(new_ens)
       new_state["ensemble_count"] = state["ensemble_count"].at[idx].set(count + 1)
       metrics["mask"] = jnp.mean(seen.astype(jnp.float32))
