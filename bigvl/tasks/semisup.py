@@ -37,7 +37,8 @@ student's, updated in ``after_step``); Temporal Ensembling's ``ensemble`` ``[N_u
 
 Config read: ``method``, ``seed``, ``semisup.*``, ``input.{dataset, data_dir, train_split,
 num_labels, label_seed, batch_size, num_threads, flip, max_translate, strong_num_ops,
-image_key, label_key, mean, std}``, ``model.{name, ...}`` (``wide_resnet`` | ``small_cnn``).
+strong_ops, image_key, label_key, mean, std}``, ``model.{name, ...}`` (``wide_resnet`` |
+``small_cnn``).
 """
 
 from __future__ import annotations
@@ -162,6 +163,11 @@ class Task(base.Task):
     self.flip = inp.typed("flip", bool, False)
     self.max_translate = float(inp.typed("max_translate", (float, int), 0.125))
     self.strong_num_ops = positive_int(inp, "strong_num_ops", 2)
+    self.strong_ops = tuple(inp.get("strong_ops", tuple(augment.OPS)))
+    bad = sorted(set(self.strong_ops) - set(augment.OPS))
+    if bad or not self.strong_ops:
+      raise ConfigError(f"config.input.strong_ops: unknown ops {bad}; known: "
+                        f"{', '.join(augment.OPS)}")
 
     train_split = inp.typed("train_split", str, "train")
     self.train_source, info = sources.get_source(self.dataset, train_split, self.data_dir)
@@ -215,7 +221,7 @@ class Task(base.Task):
     if kind == "weak":
       return augment.weak_augment(image, rng, flip=self.flip, max_translate=self.max_translate)
     return augment.strong_augment(image, rng, flip=self.flip, max_translate=self.max_translate,
-                                  num_ops=self.strong_num_ops)
+                                  num_ops=self.strong_num_ops, ops=self.strong_ops)
 
   def labeled_transform(self, ex: dict, rng: np.random.Generator) -> dict:
     return {"image": self._view("weak", np.asarray(ex[self.image_key]), rng),

@@ -59,16 +59,17 @@ def owner_positives(num_images: int, captions_per_image: int) -> jax.Array:
 
 
 def _threshold(r: Reader, name: str, default: float) -> float | None:
-  """A cosine threshold in [-1, 1]; an explicit None turns the test off, a missing key is the
-  default."""
+  """A cosine threshold in [-1, 1]; a missing key is the default. None, or any value above 1
+  (no cosine exceeds 1; ml_collections cannot set None from the command line), turns the test
+  off."""
   if name in r.keys() and name not in r:  # present and None
     r.mark_read(name)
     return None
   value = r.typed(name, (float, int), default)
-  if not -1.0 <= value <= 1.0:
-    raise ConfigError(f"{r.path}.{name} is a cosine threshold in [-1, 1] (or None), "
+  if value < -1.0:
+    raise ConfigError(f"{r.path}.{name} is a cosine threshold in [-1, 1] (> 1 or None: off), "
                       f"got {value!r}")
-  return float(value)
+  return None if value > 1.0 else float(value)
 
 
 def checkpoint_step_dir(path: str) -> str:

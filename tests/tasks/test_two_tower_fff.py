@@ -176,12 +176,14 @@ def test_teacher_with_another_model_config_is_a_config_error(shapes_data_dir, tm
     ({"loss.mining.source": "teacher"}, "teacher_ckpt"),
     ({"loss.mining.source": "teacher", "loss.mining.teacher_ckpt": "/nonexistent"},
      "no bigvl checkpoint"),
-    ({**MINE, "loss.mining.thr_ii": 1.5}, "thr_ii"),
+    ({**MINE, "loss.mining.thr_ii": -1.5}, "thr_ii"),
     ({**MINE, "loss.mining.thr_tt": "high"}, "thr_tt"),
     ({**MINE, "loss.mining.start_step": -1}, "start_step"),
     ({**MINE, "loss.mining.max_per_image": 4}, "max_per_image"),  # dense impl
     ({**MINE, "loss.mining.thr_ii": None, "loss.mining.thr_tt": None,
       "loss.mining.thr_it": None}, "nothing can be mined"),
+    ({**MINE, "loss.mining.thr_ii": 2.0, "loss.mining.thr_tt": None,  # > 1: off, as None
+      "loss.mining.thr_it": 1.01}, "nothing can be mined"),
     ({**MINE, "loss.name": "softmax", "input.captions_per_image": 1}, "sigmoid"),
     ({"loss.mining.thr_typo": 0.5}, "thr_typo"),
 ])
