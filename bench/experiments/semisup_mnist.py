@@ -99,6 +99,10 @@ def render(rows: list[dict], command: str, wall: float) -> str:
       "",
       *lines,
       "",
+      "`vs supervised`: difference of the mean errors, in points. Why Temporal Ensembling and "
+      "Mean Teacher do not beat the baseline in this setting, and the digit-specific "
+      "RandAugment op list: `docs/semisup.md`, section \"Result: MNIST, 100 labels\".",
+      "",
   ])
 
 
