@@ -11,25 +11,11 @@ run: SmallCNN, 200 steps). Labeled batch 64, ``mu`` from the method's paper; Fix
 under the data dir (no network at run time).
 """
 
-import ml_collections as mlc
-
 from bigvl.config import load_sibling
 
 _mnist = load_sibling(__file__, "semisup_mnist")
 
 
 def get_config(arg=None):
-  a = _mnist.parse(arg or "")
-  num_labels = 250 if "num_labels=" not in (arg or "") else a.num_labels
-  steps = a.steps or (200 if a.tiny else 2**20)
-  c = _mnist.base(a.method, dataset="cifar10", num_labels=num_labels, total_steps=steps,
-                  batch_size=64, flip=True, mean=(0.4914, 0.4822, 0.4465),
-                  std=(0.2471, 0.2435, 0.2616))
-  if a.tiny:
-    c.model = mlc.ConfigDict({"name": "small_cnn", "width": 16, "stages": 4})
-    c.input.batch_size = 16
-    if "mu" in c.semisup:
-      c.semisup.mu = min(c.semisup.mu, 2)
-    _mnist.scale_rampups(c, steps)
-    c.evals.test.every = steps
-  return c
+  return _mnist.tfds_benchmark(arg, dataset="cifar10", flip=True,
+                               mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))

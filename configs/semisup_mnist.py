@@ -115,3 +115,21 @@ TINY_STEPS = 1500
 TINY_BATCH = 16
 TINY_WIDTH = 16
 TINY_MAX_MU = 2
+
+
+def tfds_benchmark(arg, *, dataset, flip, mean, std):
+  """The CIFAR-10 / SVHN benchmark config (WRN-28-2, labeled batch 64, 2^20 steps); ``tiny``
+  swaps in SmallCNN for a 200-step CPU smoke run."""
+  a = parse(arg or "")
+  num_labels = 250 if "num_labels=" not in (arg or "") else a.num_labels
+  steps = a.steps or (200 if a.tiny else 2**20)
+  c = base(a.method, dataset=dataset, num_labels=num_labels, total_steps=steps,
+           batch_size=64, flip=flip, mean=mean, std=std)
+  if a.tiny:
+    c.model = mlc.ConfigDict({"name": "small_cnn", "width": 16, "stages": 4})
+    c.input.batch_size = 16
+    if "mu" in c.semisup:
+      c.semisup.mu = min(c.semisup.mu, 2)
+    scale_rampups(c, steps)
+    c.evals.test.every = steps
+  return c

@@ -10,7 +10,8 @@ from jax.sharding import Mesh
 
 from bigvl import parallel
 from bigvl.config import Reader, positive_int
-from bigvl.data import pipeline, sources
+from bigvl.data import pipeline
+from bigvl.evaluators._split import read_eval_split
 
 
 class SplitEmbedder:
@@ -18,12 +19,10 @@ class SplitEmbedder:
 
   def __init__(self, cfg: Reader, task: Any, mesh: Mesh):
     self.task, self.mesh = task, mesh
-    self.dataset = cfg.typed("dataset", str, task.dataset)
-    self.split = cfg.typed("split", str, "test")
-    self.batch_size = positive_int(cfg, "batch_size", 256)
-    parallel.batch_size_per_host(self.batch_size, mesh)
+    split = read_eval_split(cfg, task, mesh)
+    self.dataset, self.batch_size = split.dataset, split.batch_size
+    self.source, self.info = split.source, split.info
     self.num_captions = positive_int(cfg, "num_captions", 1)
-    self.source, self.info = sources.get_source(self.dataset, self.split, task.data_dir)
     self._img = jax.jit(task.embed_images)
     self._txt = jax.jit(task.embed_texts)
 

@@ -20,18 +20,16 @@ import numpy as np
 from jax.sharding import Mesh
 
 from bigvl import parallel
-from bigvl.config import Reader, positive_int
-from bigvl.data import pipeline, sources
+from bigvl.config import Reader
+from bigvl.data import pipeline
+from bigvl.evaluators._split import read_eval_split
 
 
 class Evaluator:
   def __init__(self, cfg: Reader, task: Any, mesh: Mesh):
     self.task, self.mesh = task, mesh
-    self.dataset = cfg.typed("dataset", str, task.dataset)
-    self.split = cfg.typed("split", str, "test")
-    self.batch_size = positive_int(cfg, "batch_size", 256)
-    parallel.batch_size_per_host(self.batch_size, mesh)
-    self.source, _ = sources.get_source(self.dataset, self.split, task.data_dir)
+    split = read_eval_split(cfg, task, mesh)
+    self.batch_size, self.source = split.batch_size, split.source
     self.predictors = tuple(task.predictors)
     self._predict = jax.jit(task.predict, static_argnames="which")
 
