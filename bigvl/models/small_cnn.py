@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bigvl.models.wide_resnet import conv_init, dense_init, leaky_relu
+from bigvl.models.wide_resnet import classifier_head, conv_init, leaky_relu
 
 Dtype = Any
 
@@ -55,11 +55,7 @@ class SmallCNN(nn.Module):
                        momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
                        name=f"bn{i}")(x)
       x = leaky_relu(x)
-    x = jnp.mean(x, axis=(1, 2))
-    if self.dropout_rate:
-      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name="head")(x)
-    return x.astype(jnp.float32)
+    return classifier_head(x, self.num_classes, self.dropout_rate, train, self.dtype)
 
 
 def from_config(cfg, num_classes: int) -> SmallCNN:

@@ -109,14 +109,22 @@ class WideResNet(nn.Module):
     x = nn.BatchNorm(use_running_average=not train, axis_name=None, momentum=self.bn_momentum,
                      epsilon=self.bn_epsilon, dtype=self.dtype, name="bn_final")(x)
     x = leaky_relu(x)
-    x = jnp.mean(x, axis=(1, 2))
-    if self.dropout_rate:
-      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name="head")(x)
-    return x.astype(jnp.float32)
+    return classifier_head(x, self.num_classes, self.dropout_rate, train, self.dtype)
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def classifier_head(x: jax.Array, num_classes: int, dropout_rate: float, train: bool,
+                    dtype: Any) -> jax.Array:
+  """Global average pooling -> dropout (train only) -> dense ``head`` -> float32 logits.
+
+  Called from inside a compact ``__call__``: the layers become the caller's submodules."""
+  x = jnp.mean(x, axis=(1, 2))
+  if dropout_rate:
+    x = nn.Dropout(dropout_rate, deterministic=not train)(x)
+  x = nn.Dense(num_classes, kernel_init=dense_init, dtype=dtype, name="head")(x)
+  return x.astype(jnp.float32)
 
 
 def from_config(cfg, num_classes: int) -> WideResNet:
