@@ -162,7 +162,8 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, sched: optax.S
 
 @dataclasses.dataclass
 class Compiled:
-  """The jitted functions of a run: ``init(batch) -> state``, ``step(state, batch)``."""
+  """The functions of a run: ``init(batch) -> state`` (jitted, then the task's host-side
+  ``load_frozen``), ``step(state, batch)`` (jitted)."""
 
   init: Any
   step: Any
@@ -183,7 +184,13 @@ def compile_run(run: Run, example_batch: Any) -> Compiled:
 
   shapes = jax.eval_shape(init_fn, example_batch)
   shardings = parallel.tree_shardings(shapes, run.rules, run.mesh)
-  init = jax.jit(init_fn, out_shardings=shardings)
+  jit_init = jax.jit(init_fn, out_shardings=shardings)
+
+  def init(batch):
+    state = jit_init(batch)
+    state["extra"] = run.task.load_frozen(state["extra"], shardings["extra"])
+    return state
+
   batch_sh = jax.tree.map(lambda _: parallel.batch_sharding(run.mesh), example_batch)
   step = jax.jit(make_train_step(run.task, run.tx, run.schedule, run.microbatches),
                  in_shardings=(shardings, batch_sh),

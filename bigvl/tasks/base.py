@@ -13,7 +13,11 @@ The train loop then calls, under one ``jax.jit`` over the mesh:
 * ``after_step(params, state, step) -> state``: after the optimizer update (EMA, ...).
 
 and on the host: ``train_data(seed)`` -> an iterator of host-local numpy batches with
-``get_state``/``set_state``; ``num_train_examples`` for durations in epochs.
+``get_state``/``set_state``; ``num_train_examples`` for durations in epochs;
+``load_frozen(state, shardings) -> state`` after a fresh ``init`` (not on resume: the
+checkpoint has it), to read weights from files straight into their shards (a frozen teacher,
+a DPO reference model): ``init`` leaves placeholders, so a multi-GB model never becomes a
+constant of the init program.
 """
 
 from __future__ import annotations
@@ -53,4 +57,9 @@ class Task:
     raise NotImplementedError
 
   def after_step(self, params: Any, state: Any, step: jax.Array) -> Any:
+    return state
+
+  def load_frozen(self, state: Any, shardings: Any) -> Any:
+    """Host side, after a fresh init: ``state`` with file-backed arrays filled in, each placed
+    with its entry of ``shardings`` (default: ``state`` as it is)."""
     return state

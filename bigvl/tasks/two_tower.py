@@ -157,7 +157,6 @@ class Task(base.Task):
                           "(the workdir of a previous two-tower run)")
       self.teacher_dir = checkpoint_step_dir(teacher)
       self._check_teacher()
-    self._teacher_np = None
 
   # --- the frozen teacher ----------------------------------------------------------------
   def _abstract_params(self) -> Any:
@@ -187,19 +186,21 @@ class Task(base.Task):
                           f"{name} is {got.get(name)} there but {tuple(leaf.shape)} in this "
                           f"model (the teacher must have the same config.model)")
 
-  def _teacher_params(self, abstract: Any) -> Any:
-    """The teacher's params as host numpy arrays (read once)."""
-    if self._teacher_np is None:
-      import orbax.checkpoint as ocp
+  def load_frozen(self, state: Any, shardings: Any) -> Any:
+    """Reads the teacher's params from its checkpoint into ``state['teacher']``, each array
+    straight into its shards (orbax partial restore: the optimizer state is not read)."""
+    if self.mining != "teacher":
+      return state
+    import orbax.checkpoint as ocp
 
-      restore = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-      args = ocp.args.PyTreeRestore(item={"params": abstract},
-                                    restore_args={"params": restore}, partial_restore=True)
-      out = ocp.PyTreeCheckpointer().restore(os.path.join(self.teacher_dir, "state"),
-                                             args=args)
-      self._teacher_np = jax.tree.map(lambda x, a: np.asarray(x, a.dtype), out["params"],
-                                      abstract)
-    return self._teacher_np
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state["teacher"])
+    restore = jax.tree.map(
+        lambda x, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=x.shape, dtype=x.dtype),
+        abstract, shardings["teacher"])
+    args = ocp.args.PyTreeRestore(item={"params": abstract}, restore_args={"params": restore},
+                                  partial_restore=True)
+    out = ocp.PyTreeCheckpointer().restore(os.path.join(self.teacher_dir, "state"), args=args)
+    return {**state, "teacher": out["params"]}
 
   # --- host side -------------------------------------------------------------------------
   @property
@@ -216,10 +217,10 @@ class Task(base.Task):
     params = self.model.init(rng, batch["image"], tokens)["params"]
     state = {}
     if self.mining == "teacher":
-      # Restored on the host and returned from the jitted init, so the teacher is sharded by
-      # the partition rules and checkpointed with the run (a resumed run does not re-read it).
-      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-      state["teacher"] = jax.tree.map(jnp.asarray, self._teacher_params(abstract))
+      # A placeholder with the params' shapes, sharded by the same partition rules;
+      # ``load_frozen`` fills it from the checkpoint. It is checkpointed with the run, so a
+      # resumed run does not re-read the teacher.
+      state["teacher"] = jax.tree.map(jnp.zeros_like, params)
     return params, state
 
   def embed_images(self, params: Any, images: jax.Array) -> jax.Array:

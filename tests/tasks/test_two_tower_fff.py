@@ -38,6 +38,7 @@ def _setup(config, batch=None, seed=0):
   batch = _first_batch(run) if batch is None else batch
   params, state = run.task.init(jax.random.PRNGKey(seed), batch)
   params, state = jax.device_put((params, state), parallel.replicated(run.mesh))
+  state = run.task.load_frozen(state, jax.tree.map(lambda x: x.sharding, state))
   return run, params, state, batch
 
 
@@ -154,6 +155,29 @@ def test_teacher_checkpoint_is_restored(shapes_data_dir, tmp_path):
                parallel.to_host(teacher))
   [(_, aux)] = _forward(tc, batch)
   assert aux["mined_positives"] > 0
+
+
+def test_teacher_is_read_into_its_shards_by_the_run_init(shapes_data_dir, tmp_path):
+  """``compile_run``'s init (jit, then ``load_frozen``): the teacher is the checkpoint's params,
+  laid out as the partition rules say (fsdp over 2 devices), not replicated constants."""
+  run, teacher, _, batch = _setup(_config(shapes_data_dir), seed=7)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "teacher"))
+  ckpt.save(3, {"params": teacher}, {})
+  ckpt.close()
+  tc = _config(shapes_data_dir, **{**MINE, **MESH, "loss.mining.source": "teacher",
+                                    "loss.mining.teacher_ckpt": str(tmp_path / "teacher")})
+  run = train.build(tc)
+  batch = _first_batch(run)
+  fns = train.compile_run(run, batch)
+  state = fns.init(batch)
+  got, want = state["extra"]["teacher"], fns.state_shardings["extra"]["teacher"]
+  jax.tree.map(np.testing.assert_array_equal, parallel.to_host(got), parallel.to_host(teacher))
+  jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(
+      f"{x.sharding} != {s}"), got, want)
+  assert any(not s.is_fully_replicated for s in jax.tree.leaves(want))  # the test means something
+  # and the student is a fresh init, not the teacher
+  student, frozen = (jax.tree.leaves(parallel.to_host(t)) for t in (state["params"], teacher))
+  assert not all(np.allclose(a, b) for a, b in zip(student, frozen))
 
 
 def test_teacher_with_another_model_config_is_a_config_error(shapes_data_dir, tmp_path):
