@@ -177,7 +177,7 @@ def test_teacher_is_read_into_its_shards_by_the_run_init(shapes_data_dir, tmp_pa
   assert any(not s.is_fully_replicated for s in jax.tree.leaves(want))  # the test means something
   # and the student is a fresh init, not the teacher
   student, frozen = (jax.tree.leaves(parallel.to_host(t)) for t in (state["params"], teacher))
-  assert not all(np.allclose(a, b) for a, b in zip(student, frozen))
+  assert not all(np.allclose(a, b) for a, b in zip(student, frozen, strict=True))
 
 
 def test_teacher_with_another_model_config_is_a_config_error(shapes_data_dir, tmp_path):
