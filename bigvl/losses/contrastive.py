@@ -42,15 +42,24 @@ def pairwise_logits(zimg: Array, ztxt: Array, t: Array | float, b: Array | float
   return t * dots + b
 
 
-def sigmoid_loss_terms(logits: Array, positives: Array) -> Array:
-  """Per-pair ``-log sigmoid(z * logits)``, ``z = 2*positives - 1``; shape of ``logits``."""
+def _pair_weights(pos: Array, pos_weight: Array | None) -> Array | float:
+  """``w_i`` where pair (i, j) is positive, 1 where negative (1 everywhere without weights)."""
+  if pos_weight is None:
+    return 1.0
+  return jnp.where(pos, pos_weight.astype(jnp.float32)[:, None], 1.0)
+
+
+def sigmoid_loss_terms(logits: Array, positives: Array, pos_weight: Array | None = None
+                       ) -> Array:
+  """Per-pair ``-c_ij log sigmoid(z * logits)``, ``z = 2*positives - 1``, ``c_ij = pos_weight_i``
+  on positive pairs and 1 on negatives (``c = 1`` without ``pos_weight``)."""
   z = 2.0 * positives.astype(logits.dtype) - 1.0
-  return -jax.nn.log_sigmoid(z * logits)
+  return -jax.nn.log_sigmoid(z * logits) * _pair_weights(positives > 0, pos_weight)
 
 
 def sigmoid_loss(zimg: Array, ztxt: Array, t: Array | float, b: Array | float,
-                 positives: Array | None = None) -> Array:
-  """SigLIP / FFF sigmoid loss, ``-mean_i sum_j log sigmoid(z_ij (t <zimg_i, ztxt_j> + b))``.
+                 positives: Array | None = None, pos_weight: Array | None = None) -> Array:
+  """SigLIP / FFF sigmoid loss, ``-mean_i sum_j c_ij log sigmoid(z_ij (t <zimg_i, ztxt_j> + b))``.
 
   Args:
     zimg: [N, D] L2-normalised image embeddings.
@@ -58,6 +67,9 @@ def sigmoid_loss(zimg: Array, ztxt: Array, t: Array | float, b: Array | float,
     t: the (already exponentiated) temperature, scalar.
     b: the bias, scalar.
     positives: [N, M] 0/1 mask of matching pairs; defaults to the identity (N == M).
+    pos_weight: optional [N] weight ``c_i`` of image i's positive pairs (negatives keep 1),
+      e.g. ``K / |P_i|`` so that every image's positives weigh K in all, however many were
+      mined; default: every pair weighs 1 (SigLIP, FFF).
   Returns:
     scalar: the sum over text columns, averaged over the N images.
   """
@@ -66,7 +78,7 @@ def sigmoid_loss(zimg: Array, ztxt: Array, t: Array | float, b: Array | float,
     if zimg.shape[0] != ztxt.shape[0]:
       raise ValueError(f"positives=None needs N == M, got {zimg.shape[0]} and {ztxt.shape[0]}")
     positives = jnp.eye(zimg.shape[0], dtype=logits.dtype)
-  return jnp.sum(sigmoid_loss_terms(logits, positives)) / zimg.shape[0]
+  return jnp.sum(sigmoid_loss_terms(logits, positives, pos_weight)) / zimg.shape[0]
 
 
 def softmax_contrastive_loss(zimg: Array, ztxt: Array, scale: Array | float) -> Array:
@@ -168,11 +180,12 @@ def _ring_perm(p: int):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring_partial(axes, zimg, ztxt, t, b, img_ids, owners, pos_rows, extra_ids):
-  return _ring_partial_fwd(axes, zimg, ztxt, t, b, img_ids, owners, pos_rows, extra_ids)[0]
+def _ring_partial(axes, zimg, ztxt, t, b, img_ids, owners, pos_rows, extra_ids, pos_weight):
+  return _ring_partial_fwd(axes, zimg, ztxt, t, b, img_ids, owners, pos_rows, extra_ids,
+                           pos_weight)[0]
 
 
-def _ring_partial_fwd(axes, zimg, ztxt, t, b, img_ids, owners, pos_rows, extra_ids):
+def _ring_partial_fwd(axes, zimg, ztxt, t, b, img_ids, owners, pos_rows, extra_ids, pos_weight):
   p = jax.lax.axis_size(axes)
   me = jax.lax.axis_index(axes)
   n, m = zimg.shape[0], ztxt.shape[0]
@@ -182,8 +195,10 @@ def _ring_partial_fwd(axes, zimg, ztxt, t, b, img_ids, owners, pos_rows, extra_i
   def block_loss(s, txt, own):
     blk = (me - s) % p  # This device holds the text block of device me - s after s hops.
     _, logits = _block_logits(zimg, txt, tf, bf)
-    z = 2.0 * _block_positives(img_ids, own, blk, m, pos_rows, extra_ids) - 1.0
-    return jnp.sum(jax.nn.softplus(-z * logits))  # == -log_sigmoid(z * logits)
+    pos = _block_positives(img_ids, own, blk, m, pos_rows, extra_ids)
+    z = 2.0 * pos - 1.0
+    # softplus(-z l) == -log_sigmoid(z l)
+    return jnp.sum(jax.nn.softplus(-z * logits) * _pair_weights(pos, pos_weight))
 
   def body(s, carry):
     acc, txt, own = carry
@@ -195,11 +210,11 @@ def _ring_partial_fwd(axes, zimg, ztxt, t, b, img_ids, owners, pos_rows, extra_i
   acc, txt, own = jax.lax.fori_loop(0, p - 1, body, (acc, ztxt, owners))
   acc = acc + block_loss(p - 1, txt, own)
   partial = acc / (n * p)
-  return partial, (zimg, ztxt, t, b, img_ids, owners, pos_rows, extra_ids)
+  return partial, (zimg, ztxt, t, b, img_ids, owners, pos_rows, extra_ids, pos_weight)
 
 
 def _ring_partial_bwd(axes, res, g):
-  zimg, ztxt, t, b, img_ids, owners, pos_rows, extra_ids = res
+  zimg, ztxt, t, b, img_ids, owners, pos_rows, extra_ids, pos_weight = res
   p = jax.lax.axis_size(axes)
   me = jax.lax.axis_index(axes)
   n, m = zimg.shape[0], ztxt.shape[0]
@@ -211,9 +226,10 @@ def _ring_partial_bwd(axes, res, g):
   def step(s, dimg, dt, db, txt, own, dtxt):
     blk = (me - s) % p
     dots, logits = _block_logits(zimg, txt, tf, bf)
-    z = 2.0 * _block_positives(img_ids, own, blk, m, pos_rows, extra_ids) - 1.0
-    # d/dl softplus(-z l) = -z sigmoid(-z l)
-    dl = scale * (-z * jax.nn.sigmoid(-z * logits))
+    pos = _block_positives(img_ids, own, blk, m, pos_rows, extra_ids)
+    z = 2.0 * pos - 1.0
+    # d/dl c softplus(-z l) = -c z sigmoid(-z l)
+    dl = scale * (-z * jax.nn.sigmoid(-z * logits)) * _pair_weights(pos, pos_weight)
     dimg = dimg + tf * jnp.einsum("nm,md->nd", dl, txt.astype(jnp.float32))
     dtxt = dtxt + tf * jnp.einsum("nm,nd->md", dl, zimg32)
     return dimg, dt + jnp.sum(dl * dots), db + jnp.sum(dl), dtxt
@@ -233,7 +249,7 @@ def _ring_partial_bwd(axes, res, g):
   # After p - 1 hops device `me` holds block me + 1 (mod p): one more hop brings it home.
   dtxt = jax.lax.ppermute(dtxt, axes, perm)
   return (dimg.astype(zimg.dtype), dtxt.astype(ztxt.dtype), dt.astype(t.dtype),
-          db.astype(b.dtype), None, None, None, None)
+          db.astype(b.dtype), None, None, None, None, None)
 
 
 _ring_partial.defvjp(_ring_partial_fwd, _ring_partial_bwd)
@@ -242,7 +258,8 @@ _ring_partial.defvjp(_ring_partial_fwd, _ring_partial_bwd)
 def ring_sigmoid_loss(zimg: Array, ztxt: Array, t: Array | float, b: Array | float, *,
                       axis_name: AxisName, positives: Array | None = None,
                       img_ids: Array | None = None, txt_owner_ids: Array | None = None,
-                      extra_pos_txt_ids: Array | None = None) -> Array:
+                      extra_pos_txt_ids: Array | None = None,
+                      pos_weight: Array | None = None) -> Array:
   """``sigmoid_loss`` over a batch sharded on ``axis_name``, chunked around a ring of devices.
 
   Call inside ``jax.shard_map`` (with the default ``check_vma=True``) where the batch axis of
@@ -251,7 +268,8 @@ def ring_sigmoid_loss(zimg: Array, ztxt: Array, t: Array | float, b: Array | flo
   With ``p`` devices, ``n`` local images and ``m`` local texts (N = p n, M = p m globally) this
   computes, exactly as the dense loss on the gathered batch,
 
-      L = -1/N sum_{i<N} sum_{j<M} log sigmoid(z_ij (t <zimg_i, ztxt_j> + b)),  z_ij = 2 P_ij - 1
+      L = -1/N sum_{i<N} sum_{j<M} c_ij log sigmoid(z_ij (t <zimg_i, ztxt_j> + b)),
+      z_ij = 2 P_ij - 1
 
   following SigLIP (Zhai et al. 2023, Sec. 3.3): each device keeps its images, and the text
   blocks (with their owner ids) hop ``p - 1`` times to the next device with
@@ -263,7 +281,8 @@ def ring_sigmoid_loss(zimg: Array, ztxt: Array, t: Array | float, b: Array | flo
   in P.
 
   Positives: ``P_ij = [img_ids_i == txt_owner_ids_j]`` OR ``positives[i, j]`` OR
-  ``j in extra_pos_txt_ids[i]``, j being the global text index.
+  ``j in extra_pos_txt_ids[i]``, j being the global text index; ``c_ij = pos_weight_i`` where
+  ``P_ij = 1``, else 1 (all 1 without ``pos_weight``).
 
   Args:
     zimg: [n, D] local L2-normalised image embeddings.
@@ -279,6 +298,7 @@ def ring_sigmoid_loss(zimg: Array, ztxt: Array, t: Array | float, b: Array | flo
       give each of the K texts the same owner.
     extra_pos_txt_ids: optional [n, K] int global text indices that are also positives of each
       local image, padded with ``-1`` (uneven counts per row; see ``positive_ids_from_mask``).
+    pos_weight: optional [n] weights of the local images' positive pairs (``sigmoid_loss``).
   Returns:
     The global loss (a scalar, the same on every device: partial sums ``psum``-ed).
   """
@@ -301,6 +321,8 @@ def ring_sigmoid_loss(zimg: Array, ztxt: Array, t: Array | float, b: Array | flo
     extra_pos_txt_ids = jnp.asarray(extra_pos_txt_ids, jnp.int32)
     if extra_pos_txt_ids.ndim != 2 or extra_pos_txt_ids.shape[0] != n:
       raise ValueError(f"extra_pos_txt_ids must be [n={n}, K], got {extra_pos_txt_ids.shape}")
+  if pos_weight is not None and pos_weight.shape != (n,):
+    raise ValueError(f"pos_weight must be [n={n}], got {pos_weight.shape}")
   t, b = jnp.asarray(t, jnp.float32), jnp.asarray(b, jnp.float32)
 
   # Every differentiable input gets the same vma type, so that each custom-vjp cotangent has the
@@ -310,5 +332,5 @@ def ring_sigmoid_loss(zimg: Array, ztxt: Array, t: Array | float, b: Array | flo
   zimg, ztxt, t, b = (_to_varying(x, vma) for x in (zimg, ztxt, t, b))
   img_ids, txt_owner_ids = _to_varying(img_ids, vma), _to_varying(txt_owner_ids, vma)
   partial = _ring_partial(axes, zimg, ztxt, t, b, img_ids, txt_owner_ids, positives,
-                          extra_pos_txt_ids)
+                          extra_pos_txt_ids, pos_weight)
   return jax.lax.psum(partial, axes)

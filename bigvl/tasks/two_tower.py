@@ -24,7 +24,7 @@ Config read: ``input.{dataset, data_dir, train_split, batch_size, captions_per_i
 max_len, tokenizer, vocab_size, image_size, image_key, text_key, num_threads}``,
 ``model.*`` (``bigvl.models.two_tower``), ``loss.{name: sigmoid|softmax, impl: dense|ring}``,
 ``loss.mining.{source: none|self|teacher, teacher_ckpt, thr_ii, thr_tt, thr_it, start_step,
-max_per_image}`` (see ``docs/fff.md``).
+max_per_image, normalize}`` (see ``docs/fff.md``).
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ class Task(base.Task):
     self.thr_tt = _threshold(m, "thr_tt", mining.DEFAULT_THR_TT)
     self.thr_it = _threshold(m, "thr_it", mining.DEFAULT_THR_IT)
     self.start_step = m.typed("start_step", int, 0)
+    self.normalize = m.typed("normalize", bool, False)
     if self.start_step < 0:
       raise ConfigError(f"config.loss.mining.start_step must be >= 0, got {self.start_step}")
     self.max_per_image = positive_int(m, "max_per_image", None)
@@ -235,6 +236,14 @@ class Task(base.Task):
     return mining.mine_positives(zimg, ztxt, owners, thr_ii=self.thr_ii, thr_tt=self.thr_tt,
                                  thr_it=self.thr_it)
 
+  def _pos_weight(self, k: int, num_mined: jax.Array) -> jax.Array | None:
+    """[N] ``K / (K + mined_i)`` with ``loss.mining.normalize``: every image's positives weigh
+    K in all, so images with many mined positives (copies of one scene) do not get more
+    gradient than the others; None (every pair weighs 1, as in FFF) otherwise."""
+    if not self.normalize:
+      return None
+    return k / (k + num_mined.astype(jnp.float32))
+
   def _ring_loss(self, zimg, ztxt, t, b, owners, **extra) -> jax.Array:
     """``ring_sigmoid_loss`` over the batch axes; ``extra``: per-image ``positives`` rows or
     ``extra_pos_txt_ids``, split like the images."""
@@ -271,17 +280,23 @@ class Task(base.Task):
       b = jnp.zeros_like(b)
     elif self.impl == "dense":
       positives = contrastive.positives_from_owners(jnp.arange(n), owners)
+      weight = None
       if mined is not None:
         positives = jnp.maximum(positives, mined.astype(positives.dtype))
-      loss = contrastive.sigmoid_loss(zimg, ztxt, t, b, positives=positives)
+        weight = self._pos_weight(k, jnp.sum(mined, axis=1))
+      loss = contrastive.sigmoid_loss(zimg, ztxt, t, b, positives=positives, pos_weight=weight)
     else:
       extra = {}
       if mined is not None and self.max_per_image:
         ids, dropped = contrastive.positive_ids_from_mask(mined, self.max_per_image)
         extra["extra_pos_txt_ids"] = ids
         metrics["mined_dropped"] = dropped
+        weight = self._pos_weight(k, jnp.sum(ids >= 0, axis=1))
       elif mined is not None:
         extra["positives"] = mined
+        weight = self._pos_weight(k, jnp.sum(mined, axis=1))
+      if mined is not None and weight is not None:
+        extra["pos_weight"] = weight
       loss = self._ring_loss(zimg, ztxt, t, b, owners, **extra)
 
     # Mean logits of the N K owner pairs and of all other pairs, in O((N + N K) D): the ring

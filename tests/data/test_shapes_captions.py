@@ -51,3 +51,21 @@ def test_relation(a_x, b_x, rel):
   a = {"x": a_x, "y": 0.5}
   b = {"x": b_x, "y": 0.5}
   assert sc._relation(a, b)[0] == rel
+
+
+def test_dups_copies_prototypes_in_train_only(tmp_path):
+  """``dups``-style config: about ``dup_fraction`` of the train scenes are jittered copies of
+  the prototypes (same captions up to jitter), the eval splits hold only independent scenes."""
+  cfg = sc.ShapesConfig(name="t", num_train=300, num_test=100, num_prototypes=10,
+                        dup_fraction=0.5)
+  b = sc.ShapesCaptions(config=cfg, data_dir=str(tmp_path))
+  train = [ex for _, ex in b._generate_examples("train", cfg.num_train, 0)]
+  scene = np.array([ex["scene_id"] for ex in train])
+  copies = scene < cfg.num_prototypes
+  assert 0.4 < copies.mean() < 0.6
+  assert len(set(scene[~copies])) == (~copies).sum()  # fresh scenes have unique ids
+  # copies of one prototype are near duplicates: same objects, so most share a caption
+  first = [set(ex["captions"]) for ex, c in zip(train, scene, strict=True) if c == scene[copies][0]]
+  assert len(first) >= 5 and np.mean([bool(first[0] & s) for s in first[1:]]) > 0.5
+  test = [ex["scene_id"] for _, ex in b._generate_examples("test", cfg.num_test, 2)]
+  assert min(test) >= cfg.num_prototypes and len(set(test)) == cfg.num_test

@@ -36,8 +36,9 @@ def _np_sigmoid(x):
   return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
-def np_sigmoid_loss_and_grads(zimg, ztxt, t, b, pos):
-  """Returns (loss, dzimg, dztxt, dt, db), all by loops in float64."""
+def np_sigmoid_loss_and_grads(zimg, ztxt, t, b, pos, w=None):
+  """Returns (loss, dzimg, dztxt, dt, db), all by loops in float64; ``w[i]`` weighs image i's
+  positive pairs."""
   zimg, ztxt = np.asarray(zimg, np.float64), np.asarray(ztxt, np.float64)
   n, m = zimg.shape[0], ztxt.shape[0]
   loss, dt, db = 0.0, 0.0, 0.0
@@ -46,9 +47,10 @@ def np_sigmoid_loss_and_grads(zimg, ztxt, t, b, pos):
     for j in range(m):
       dot = float(np.dot(zimg[i], ztxt[j]))
       z = 1.0 if pos[i][j] else -1.0
+      c = float(w[i]) if (w is not None and pos[i][j]) else 1.0
       logit = t * dot + b
-      loss -= _np_log_sigmoid(z * logit) / n
-      dl = -z * _np_sigmoid(-z * logit) / n  # d(-log sigmoid(z l))/dl
+      loss -= c * _np_log_sigmoid(z * logit) / n
+      dl = -c * z * _np_sigmoid(-z * logit) / n  # d(-c log sigmoid(z l))/dl
       dzimg[i] += dl * t * ztxt[j]
       dztxt[j] += dl * t * zimg[i]
       dt += dl * dot
@@ -129,9 +131,10 @@ def test_numpy_references_match_finite_differences():
 # --- Dense losses vs references. ----------------------------------------------------------------
 
 
-def _check_sigmoid(zi, zt, t, b, mask, positives_arg):
-  want = np_sigmoid_loss_and_grads(zi, zt, t, b, mask)
-  fn = lambda a, c, t_, b_: sigmoid_loss(a, c, t_, b_, positives=positives_arg)
+def _check_sigmoid(zi, zt, t, b, mask, positives_arg, w=None):
+  want = np_sigmoid_loss_and_grads(zi, zt, t, b, mask, w)
+  fn = lambda a, c, t_, b_: sigmoid_loss(a, c, t_, b_, positives=positives_arg,
+                                         pos_weight=None if w is None else jnp.asarray(w))
   loss, grads = jax.value_and_grad(fn, argnums=(0, 1, 2, 3))(zi, zt, jnp.float32(t),
                                                             jnp.float32(b))
   np.testing.assert_allclose(loss, want[0], **TOL)
@@ -151,6 +154,16 @@ def test_sigmoid_loss_uneven_multi_positive():
   mask = _uneven_mask(rng, 10, 14)
   assert len(set(mask.sum(1).tolist())) > 2  # really uneven, including empty rows
   _check_sigmoid(zi, zt, 7.0, -3.0, mask, jnp.asarray(mask))
+
+
+def test_sigmoid_loss_weighted_positives():
+  """``pos_weight`` scales image i's positive terms only: K / |P_i| per row here."""
+  rng = np.random.default_rng(4)
+  zi, zt = _unit(rng, 10, 8), _unit(rng, 14, 8)
+  mask = np.maximum(_uneven_mask(rng, 10, 14), np.eye(10, 14, dtype=np.float32))
+  w = (1.0 / mask.sum(1)).astype(np.float32)
+  assert len(set(w.tolist())) > 2
+  _check_sigmoid(zi, zt, 7.0, -3.0, mask, jnp.asarray(mask), w)
 
 
 def test_sigmoid_loss_k_captions_per_image():
@@ -198,10 +211,11 @@ def _mesh(shape, names):
   return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
 
 
-def _ring_fn(mesh, axis, *, owners, mask, extra_ids):
+def _ring_fn(mesh, axis, *, owners, mask, extra_ids, weights=None):
   """f(zimg, ztxt, t, b) -> global loss, the batch split on ``axis``; None args left out."""
   spec = P(axis)
-  opt = {"txt_owner_ids": owners, "positives": mask, "extra_pos_txt_ids": extra_ids}
+  opt = {"txt_owner_ids": owners, "positives": mask, "extra_pos_txt_ids": extra_ids,
+         "pos_weight": weights}
   opt = {k: v for k, v in opt.items() if v is not None}
 
   def local(zi, zt, t, b, opt):
@@ -213,16 +227,19 @@ def _ring_fn(mesh, axis, *, owners, mask, extra_ids):
 
 
 CASES = {
-    # name: (images, captions per image, owners permuted, dense mined mask, sparse mined ids)
-    "identity": (16, 1, False, False, False),
-    "k_captions": (16, 3, True, False, False),
-    "mined_dense_uneven": (16, 2, True, True, False),
-    "mined_ids_uneven": (16, 1, False, False, True),
-    "mined_dense_and_ids": (16, 2, True, True, True),
+    # name: (images, captions per image, owners permuted, dense mined mask, sparse mined ids,
+    #        positives weighted K / |P_i|)
+    "identity": (16, 1, False, False, False, False),
+    "k_captions": (16, 3, True, False, False, False),
+    "mined_dense_uneven": (16, 2, True, True, False, False),
+    "mined_ids_uneven": (16, 1, False, False, True, False),
+    "mined_dense_and_ids": (16, 2, True, True, True, False),
+    "mined_dense_weighted": (16, 2, True, True, False, True),
+    "mined_ids_weighted": (16, 1, False, False, True, True),
 }
 
 
-def _make_case(rng, n, k, permute, dense, sparse):
+def _make_case(rng, n, k, permute, dense, sparse, weighted):
   m, d = n * k, 8
   zi, zt = _unit(rng, n, d), _unit(rng, m, d)
   owners = np.repeat(np.arange(n), k).astype(np.int32)
@@ -239,7 +256,8 @@ def _make_case(rng, n, k, permute, dense, sparse):
     assert int(dropped) == 0
     full = np.maximum(full, extra)
   owners_arg = owners if (k > 1 or permute) else None
-  return zi, zt, owners_arg, mask, extra_ids, full
+  weights = (k / full.sum(1)).astype(np.float32) if weighted else None
+  return zi, zt, owners_arg, mask, extra_ids, full, weights
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -249,18 +267,19 @@ def test_ring_matches_dense(name, axes):
   mesh = _mesh((8,), axes) if len(axes) == 1 else _mesh((4, 2), axes)
   axis = axes[0] if len(axes) == 1 else axes
   rng = np.random.default_rng(sorted(CASES).index(name))
-  zi, zt, owners, mask, extra_ids, full = _make_case(rng, *CASES[name])
+  zi, zt, owners, mask, extra_ids, full, w = _make_case(rng, *CASES[name])
   t, b = jnp.float32(10.0), jnp.float32(-4.0)
 
-  ring = _ring_fn(mesh, axis, owners=owners, mask=mask, extra_ids=extra_ids)
-  dense = lambda a, c, t_, b_: sigmoid_loss(a, c, t_, b_, positives=jnp.asarray(full))
+  ring = _ring_fn(mesh, axis, owners=owners, mask=mask, extra_ids=extra_ids, weights=w)
+  dense = lambda a, c, t_, b_: sigmoid_loss(a, c, t_, b_, positives=jnp.asarray(full),
+                                            pos_weight=None if w is None else jnp.asarray(w))
   got_l, got_g = jax.value_and_grad(ring, argnums=(0, 1, 2, 3))(zi, zt, t, b)
   want_l, want_g = jax.value_and_grad(dense, argnums=(0, 1, 2, 3))(zi, zt, t, b)
   np.testing.assert_allclose(got_l, want_l, **TOL)
   for got, want in zip(got_g, want_g, strict=True):
     np.testing.assert_allclose(got, want, **TOL)
   # And against the float64 loop reference, as an independent check of the dense one.
-  ref = np_sigmoid_loss_and_grads(zi, zt, 10.0, -4.0, full)
+  ref = np_sigmoid_loss_and_grads(zi, zt, 10.0, -4.0, full, w)
   np.testing.assert_allclose(got_l, ref[0], **TOL)
   for got, want in zip(got_g, ref[1:], strict=True):
     np.testing.assert_allclose(got, want, **TOL)
@@ -271,7 +290,7 @@ def test_ring_never_gathers():
   mesh = _mesh((8,), ("data",))
   n_local, k = 4, 2
   rng = np.random.default_rng(5)
-  zi, zt, owners, *_ = _make_case(rng, 8 * n_local, k, True, False, False)
+  zi, zt, owners, *_ = _make_case(rng, 8 * n_local, k, True, False, False, False)
   ring = _ring_fn(mesh, "data", owners=owners, mask=None, extra_ids=None)
   hlo = jax.jit(jax.value_and_grad(ring, argnums=(0, 1, 2, 3))).lower(
       zi, zt, jnp.float32(10.0), jnp.float32(-4.0)).compile().as_text()

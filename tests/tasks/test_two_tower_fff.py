@@ -86,8 +86,14 @@ def test_ring_equals_dense_loss_and_grads_k2_mined(shapes_data_dir):
   assert np.abs(g_dense["img"]["embedding"]["kernel"]).max() > 1e-4
 
 
-@pytest.mark.parametrize("mine", [{}, {**MINE, "loss.mining.max_per_image": 32}],
-                         ids=["k2", "k2_mined_ids"])
+NORM = {"loss.mining.normalize": True}
+
+
+@pytest.mark.parametrize("mine", [{}, {**MINE, "loss.mining.max_per_image": 32},
+                                  {**MINE, **NORM},
+                                  {**MINE, **NORM, "loss.mining.max_per_image": 32}],
+                         ids=["k2", "k2_mined_ids", "k2_mined_normalized",
+                              "k2_mined_ids_normalized"])
 def test_ring_equals_dense_loss(shapes_data_dir, mine):
   dense_mine = {k: v for k, v in mine.items() if k != "loss.mining.max_per_image"}
   [(l_dense, a_dense)] = _forward(_config(shapes_data_dir, **MESH, **dense_mine))
@@ -96,7 +102,20 @@ def test_ring_equals_dense_loss(shapes_data_dir, mine):
   np.testing.assert_allclose(l_ring, l_dense, rtol=1e-5)
   if mine:
     assert a_ring["mined_positives"] == a_dense["mined_positives"] > 0
+  if "loss.mining.max_per_image" in mine:
     assert a_ring["mined_dropped"] == 0
+
+
+def test_normalize_gives_mined_rows_less_weight(shapes_data_dir):
+  """``normalize``: positives of image i weigh K / (K + mined_i) <= 1, so with pairs mined the
+  loss is strictly below the unweighted one, and equal without mining."""
+  [(plain, aux)] = _forward(_config(shapes_data_dir, **MINE))
+  [(norm, _)] = _forward(_config(shapes_data_dir, **MINE, **NORM))
+  assert aux["mined_positives"] > 0 and norm < plain
+  [(before_mining, _)] = _forward(_config(shapes_data_dir, **MINE, **NORM,
+                                          **{"loss.mining.start_step": 5}))
+  [(k_only, _)] = _forward(_config(shapes_data_dir))
+  np.testing.assert_allclose(before_mining, k_only, rtol=1e-6)
 
 
 def _planted_batch(run, dup_of=((1, 0), (5, 3))):

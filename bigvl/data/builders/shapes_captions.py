@@ -8,8 +8,12 @@ by zero-shot classification.
 
 Builder configs:
 * ``default``: independent random scenes.
-* ``dups``: the flaw FFF fixes -- scenes are drawn from a small pool of prototypes, so a batch
-  holds many near-duplicate images (jittered copies) whose captions are equivalent.
+* ``dups``: the flaw FFF fixes, in the train split: half of its scenes are jittered copies of
+  100 prototypes, so a batch of 128 holds ~20 pairs of near-duplicate images whose captions are
+  the same sentences (the other half are independent scenes). Validation and test are clean
+  benchmarks of independent scenes, as Flickr/COCO are for web-trained models: retrieval there
+  has a well-defined answer, while a test split of near duplicates makes equally correct
+  captions tie with the query's own.
 
 Prepared as ArrayRecord files and read with ``tfds.data_source`` (no network, no TF at read).
 """
@@ -39,7 +43,8 @@ class ShapesConfig(tfds.core.BuilderConfig):
   num_val: int = 1_000
   num_test: int = 1_000
   seed: int = 0
-  num_prototypes: int = 0  # > 0: scenes are jittered copies of this many prototypes
+  num_prototypes: int = 0  # > 0: some train scenes are jittered copies of this many prototypes
+  dup_fraction: float = 1.0  # the fraction of train scenes that are copies (num_prototypes > 0)
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
@@ -136,12 +141,13 @@ def captions(objs: list[dict], rng: np.random.Generator) -> list[str]:
 class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
   """Synthetic coloured-shapes scenes with generated captions (see module docstring)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "dups: 100 prototypes for half of the train scenes; clean eval splits."}
   BUILDER_CONFIGS = [
       ShapesConfig(name="default", description="independent random scenes"),
-      ShapesConfig(name="dups", description="near-duplicate scenes from 400 prototypes",
-                   num_prototypes=400),
+      ShapesConfig(name="dups", description="half the train scenes copy 100 prototypes",
+                   num_prototypes=100, dup_fraction=0.5),
       ShapesConfig(name="small", description="a small copy for tests", num_train=512,
                    num_val=64, num_test=128),
   ]
@@ -170,15 +176,16 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     rng = np.random.default_rng([cfg.seed, split_index])
     protos = None
-    if cfg.num_prototypes:
+    if cfg.num_prototypes and split == "train":
       prng = np.random.default_rng([cfg.seed, 99])
       protos = [sample_scene(prng) for _ in range(cfg.num_prototypes)]
     for i in range(n):
-      if protos is None:
-        objs, scene_id = sample_scene(rng), i
-      else:
+      # scene_id: the prototype's index, or a unique id >= num_prototypes for a fresh scene.
+      if protos is not None and rng.random() < cfg.dup_fraction:
         scene_id = int(rng.integers(len(protos)))
         objs = jitter_scene(protos[scene_id], rng)
+      else:
+        objs, scene_id = sample_scene(rng), cfg.num_prototypes + i
       yield i, {"image": render(objs, cfg.image_size),
                 "captions": captions(objs, rng),
                 "label": CLASS_NAMES.index(f"{objs[0]['color']} {objs[0]['shape']}"),
