@@ -28,6 +28,17 @@ from bigvl.evaluators._embedding import SplitEmbedder
 
 def recall_at_k(zimg: np.ndarray, ztxt: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
   """zimg: [N, E], ztxt: [N, C, E] -> Recall@K both ways (ties count against the query)."""
+  i2t_rank, t2i_rank = retrieval_ranks(zimg, ztxt)
+  out = {}
+  for k in ks:
+    out[f"i2t_R@{k}"] = float(np.mean(i2t_rank < k))
+    out[f"t2i_R@{k}"] = float(np.mean(t2i_rank < k))
+  out["chance_R@1"] = 1.0 / len(zimg)
+  return out
+
+
+def retrieval_ranks(zimg: np.ndarray, ztxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """0-based ranks: [N] of each image's best own caption, [N*C] of each caption's image."""
   n, c, _ = ztxt.shape
   sims = zimg @ ztxt.reshape(n * c, -1).T  # [N, N*C]
   owner = np.repeat(np.arange(n), c)
@@ -38,12 +49,7 @@ def recall_at_k(zimg: np.ndarray, ztxt: np.ndarray, ks: tuple[int, ...]) -> dict
   # t2i: rank of the caption's image among all images.
   pos = sims[owner, np.arange(n * c)]
   t2i_rank = np.sum(sims >= pos[None, :], axis=0) - 1
-  out = {}
-  for k in ks:
-    out[f"i2t_R@{k}"] = float(np.mean(i2t_rank < k))
-    out[f"t2i_R@{k}"] = float(np.mean(t2i_rank < k))
-  out["chance_R@1"] = 1.0 / n
-  return out
+  return i2t_rank, t2i_rank
 
 
 def scene_recall_at_k(zimg: np.ndarray, ztxt: np.ndarray, scene: np.ndarray,

@@ -1,0 +1,75 @@
+"""Test R@1 of finished ``configs/fff_shapes.py`` runs, split by kind of test scene.
+
+  python bench/experiments/fff_groups.py WORKDIR [WORKDIR ...]
+
+Groups of the ``shapes_captions/dups`` test split (independent scenes): single-object scenes
+(their captions, e.g. "a red circle", are shared by every test scene with the same lone object,
+so their i2t R@1 is bounded by ties), multi-object scenes whose captions no other test scene
+shares, and multi-object scenes sharing a caption with another. Prints a markdown table of
+i2t / t2i R@1 per group, from each run's last checkpoint (nothing is trained).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+from bigvl import checkpoint, parallel, train  # noqa: E402
+from bigvl.evaluators.retrieval import retrieval_ranks  # noqa: E402
+
+
+def groups(source) -> dict[str, np.ndarray]:
+  caps = [tuple(c.decode() for c in source[i]["captions"]) for i in range(len(source))]
+  count = collections.Counter(c for cs in caps for c in set(cs))
+  shared = np.array([any(count[c] > 1 for c in cs) for cs in caps])
+  single = np.array([any(c.startswith("a single ") for c in cs) for cs in caps])
+  return {"all": np.ones(len(caps), bool), "single object": single,
+          "multi, unique captions": ~single & ~shared, "multi, shared captions": ~single & shared}
+
+
+def main() -> None:
+  import ml_collections
+
+  workdirs = sys.argv[1:]
+  if not workdirs:
+    sys.exit(__doc__)
+  rows = []
+  names = None
+  for wd in workdirs:
+    with open(os.path.join(wd, "config.json")) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+    run = train.build(config)
+    batch = parallel.global_batch(next(run.task.train_data(run.seed)), run.mesh)
+    fns = train.compile_run(run, batch)
+    restored = checkpoint.Checkpointer(wd).restore_latest(fns.abstract_state)
+    if restored is None:
+      sys.exit(f"{wd}: no checkpoint")
+    step, state, _ = restored
+    ev = dict((name, e) for name, e, _ in run.evaluators)["retrieval"]
+    emb = ev.embedder.embed(state["params"])
+    masks = groups(ev.embedder.source)
+    names = list(masks)
+    i2t, t2i = retrieval_ranks(emb["zimg"], emb["ztxt"])  # queries against the whole split
+    t2i = t2i.reshape(len(i2t), -1)
+    cells = [f"{100 * np.mean(i2t[g] == 0):.1f} / {100 * np.mean(t2i[g] == 0):.1f} ({g.sum()})"
+             for g in masks.values()]
+    m = config.loss.get("mining", {})
+    label = (f"K={config.input.captions_per_image}, mining={m.get('source', 'none')}"
+             + (", normalize" if m.get("normalize") else ""))
+    rows.append(f"| {os.path.basename(wd.rstrip('/'))} | {label} | step {step} | "
+                + " | ".join(cells) + " |")
+  print("| run | setup | ckpt | " + " | ".join(f"{n} i2t / t2i R@1 (images)" for n in names)
+        + " |")
+  print("|---|---|---|" + "---:|" * len(names))
+  print("\n".join(rows))
+
+
+if __name__ == "__main__":
+  main()
