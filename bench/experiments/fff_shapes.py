@@ -4,15 +4,14 @@
                                          [-- --config.key=value ...]
 
 Rows: ``configs/fff_shapes.py:tiny,baseline`` (SigLIP, K = 1, no mining) and
-``configs/fff_shapes.py:tiny`` (FFF: K = 5 captions per image + false-negative mining), each a
-``python -m bigvl.main`` run in a fresh workdir with the same seed, steps, model and data order;
-``--ablations`` adds FFF with K = 5 but no mining, FFF with mining but K = 1, and FFF with each
-image's positives normalised to total weight K (``loss.mining.normalize``). With several
-seeds the table shows mean +- std over seeds. Metrics on the test split (1000 images x 5
-captions): zero-shot accuracy (24 classes), the standard retrieval Recall@K (only an image's own
-captions are correct) and the scene-aware Recall@1 (any image / caption of the same scene id is
-correct: near duplicates have the same captions, so the standard R@1 has a ceiling well below
-100%; see docs/fff.md).
+``configs/fff_shapes.py:tiny`` (FFF: K = 5 captions per image + false-negative mining, each
+image's positives normalised to total weight K), each a ``python -m bigvl.main`` run with the
+same seed, steps, model and data order; ``--ablations`` adds FFF with the paper's weights (every
+positive 1), K = 5 without mining, and mining with K = 1. With several seeds the table shows
+mean +- std over seeds. Metrics on the clean test split (1000 independent scenes x 5 captions):
+zero-shot accuracy (24 classes) and the standard retrieval Recall@K (only an image's own
+captions are correct). ``--workdir`` keeps the runs, one directory per run config and seed; a
+directory that holds a finished run is reused, an unfinished one resumes.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -28,12 +28,13 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = "configs/fff_shapes.py"
+UNWEIGHTED = "--config.loss.mining.normalize=False"
 RUNS = [("SigLIP baseline (K=1, no mining)", "tiny,baseline", []),
-        ("FFF (K=5 + mining)", "tiny", [])]
-ABLATIONS = [("FFF, K=5 only (no mining)", "tiny", ["--config.loss.mining.source=none"]),
-             ("FFF, mining only (K=1)", "tiny,k=1", []),
-             ("FFF, positives normalised per image", "tiny",
-              ["--config.loss.mining.normalize=True"])]
+        ("FFF (K=5 + mining, positives normalised per image)", "tiny", [])]
+ABLATIONS = [("FFF, paper's weights (K=5 + mining, every positive weighs 1)", "tiny",
+              [UNWEIGHTED]),
+             ("K=5 only (no mining)", "tiny", ["--config.loss.mining.source=none"]),
+             ("mining only (K=1, every positive weighs 1)", "tiny,k=1", [UNWEIGHTED])]
 METRICS = [("zero-shot acc", "zeroshot/accuracy"),
            ("i2t R@1", "retrieval/i2t_R@1"), ("t2i R@1", "retrieval/t2i_R@1"),
            ("i2t R@5", "retrieval/i2t_R@5"), ("t2i R@5", "retrieval/t2i_R@5"),
@@ -43,12 +44,13 @@ METRICS = [("zero-shot acc", "zeroshot/accuracy"),
 
 def run_one(arg: str, flags: list[str], seed: int, workdir: str) -> dict:
   """One training run; returns its final evals, its training throughput and the mean mined
-  positives. A workdir that already holds the finished run is reused (bigvl resumes: nothing
-  is retrained), so ``--workdir`` lets more seeds be added later."""
+  positives. A workdir that already holds a finished run (``results.json``) is reused as it
+  is, and an unfinished one resumes, so ``--workdir`` lets more seeds be added later."""
   cmd = [sys.executable, "-m", "bigvl.main", "--config", f"{CONFIG}:{arg}", "--workdir",
          workdir, f"--config.seed={seed}", *flags]
   print("+", " ".join(cmd[1:]), flush=True)
-  subprocess.run(cmd, cwd=REPO, check=True)
+  if not os.path.exists(os.path.join(workdir, "results.json")):  # else: finished, reused
+    subprocess.run(cmd, cwd=REPO, check=True)
   with open(os.path.join(workdir, "results.json")) as f:
     res = json.load(f)
   mined, speed = [], []
@@ -62,6 +64,12 @@ def run_one(arg: str, flags: list[str], seed: int, workdir: str) -> dict:
   res["mined_per_image"] = float(np.mean(mined)) if mined else 0.0
   res["examples_per_s"] = float(np.mean(speed)) if speed else float("nan")
   return res
+
+
+def slug(arg: str, flags: list[str]) -> str:
+  """A workdir name that identifies the run's config (so that a reused workdir is that run)."""
+  text = "_".join([arg] + [f.removeprefix("--config.") for f in flags])
+  return re.sub(r"[^A-Za-z0-9=.-]+", "_", text)
 
 
 def fmt(values: list[float], pct: bool = True) -> str:
@@ -85,8 +93,8 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     root = args.workdir or tmp
     for seed in args.seeds:
-      for i, (name, arg, flags) in enumerate(runs):
-        wd = os.path.join(root, f"run{i}_seed{seed}")
+      for name, arg, flags in runs:
+        wd = os.path.join(root, f"{slug(arg, flags + args.extra)}_seed{seed}")
         results[name].append(run_one(arg, flags + args.extra, seed, wd))
 
   command = ("python bench/experiments/fff_shapes.py --seeds " +
