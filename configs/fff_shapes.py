@@ -31,13 +31,11 @@ def get_config(arg=None):
     k = a.k or 5  # all 5 paraphrases of shapes_captions
     # Mining on the model's own embeddings once they mean something. Calibrated on this data
     # (docs/fff.md): identical (tokenised) captions have cosine 1 and distinct ones stay below
-    # 0.999, while image-image cosines separate near duplicates from other scenes poorly at any
-    # threshold (about half of the pairs mined at 0.95-0.99 are different scenes). Even so,
-    # on this data K = 5 without mining (loss.mining.source=none) retrieves better: see
-    # docs/fff.md.
-    # normalize: each image's positives weigh K in all, however many were mined -- without it
-    # copies of one prototype (many mined positives each) get more gradient than the other
-    # images, and mining costs retrieval on the clean test split (docs/fff.md).
+    # 0.999, while the model's image-image cosines separate near duplicates from other scenes
+    # poorly at any threshold, so that test is off. normalize: each image's positives weigh K
+    # in all, however many were mined; with the paper's weights (every positive 1) the images
+    # with many mined positives (copies of one prototype, lone objects) take more of the
+    # gradient, and mining cancels the gain of K = 5 on the clean test split (docs/fff.md).
     mining = dict(source="self", thr_tt=0.999, start_step=200, normalize=True)
     thr_ii = None
     c.loss.impl = "dense"  # one CPU device; the ring is the same loss (tests prove it)

@@ -5,8 +5,9 @@
 Groups of the ``shapes_captions/dups`` test split (independent scenes): single-object scenes
 (their captions, e.g. "a red circle", are shared by every test scene with the same lone object,
 so their i2t R@1 is bounded by ties), multi-object scenes whose captions no other test scene
-shares, and multi-object scenes sharing a caption with another. Prints a markdown table of
-i2t / t2i R@1 per group, from each run's last checkpoint (nothing is trained).
+shares, and multi-object scenes sharing a caption with another. Prints markdown tables of
+i2t / t2i R@1 per group (mean per setup, then per run), from each run's last checkpoint
+(nothing is trained). Queries are ranked against the whole test split.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main() -> None:
     sys.exit(__doc__)
   rows = []
   names = None
+  by_setup: dict[str, list[list[tuple[float, float]]]] = collections.defaultdict(list)
   for wd in workdirs:
     with open(os.path.join(wd, "config.json")) as f:
       config = ml_collections.ConfigDict(json.load(f))
@@ -58,15 +60,25 @@ def main() -> None:
     names = list(masks)
     i2t, t2i = retrieval_ranks(emb["zimg"], emb["ztxt"])  # queries against the whole split
     t2i = t2i.reshape(len(i2t), -1)
-    cells = [f"{100 * np.mean(i2t[g] == 0):.1f} / {100 * np.mean(t2i[g] == 0):.1f} ({g.sum()})"
-             for g in masks.values()]
+    r1 = [(100 * np.mean(i2t[g] == 0), 100 * np.mean(t2i[g] == 0)) for g in masks.values()]
+    cells = [f"{a:.1f} / {b:.1f} ({g.sum()})" for (a, b), g in zip(r1, masks.values(),
+                                                                   strict=True)]
     m = config.loss.get("mining", {})
-    label = (f"K={config.input.captions_per_image}, mining={m.get('source', 'none')}"
-             + (", normalize" if m.get("normalize") else ""))
+    source = m.get("source", "none")
+    label = (f"K={config.input.captions_per_image}, mining={source}"
+             + (", normalize" if source != "none" and m.get("normalize") else ""))
+    by_setup[label].append(r1)
     rows.append(f"| {os.path.basename(wd.rstrip('/'))} | {label} | step {step} | "
                 + " | ".join(cells) + " |")
-  print("| run | setup | ckpt | " + " | ".join(f"{n} i2t / t2i R@1 (images)" for n in names)
-        + " |")
+  print("Mean over the runs of each setup, i2t / t2i R@1:\n")
+  print("| setup | runs | " + " | ".join(names) + " |")
+  print("|---|---:|" + "---:|" * len(names))
+  for label, runs in by_setup.items():
+    mean = np.mean(np.asarray(runs), axis=0)  # [groups, 2]
+    print(f"| {label} | {len(runs)} | " + " | ".join(f"{a:.1f} / {b:.1f}" for a, b in mean)
+          + " |")
+  print("\nPer run, i2t / t2i R@1 (test images in the group):\n")
+  print("| run | setup | ckpt | " + " | ".join(names) + " |")
   print("|---|---|---|" + "---:|" * len(names))
   print("\n".join(rows))
 
