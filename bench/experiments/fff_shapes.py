@@ -25,6 +25,7 @@ import sys
 import tempfile
 
 import numpy as np
+from _table import write_table  # bench/experiments/_table.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = "configs/fff_shapes.py"
@@ -131,13 +132,8 @@ def main() -> None:
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   lines += ["", "All numbers in %, except mined / image: the mean number of mined extra "
             "positives per image and step once mining is on (of 128 x K texts); train ex/s: "
-            "images per second on the shared 2-core CPU (K = 5 costs ~5x text-tower work).",
-            f"Chance: zero-shot {100 * first['zeroshot/chance']:.1f}%, "
-            f"R@1 {100 * first['retrieval/chance_R@1']:.2f}%."]
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+            "images per second on the shared 2-core CPU (K = 5 costs ~5x text-tower work)."]
+  write_table(lines, first, args.out)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import sys
 import tempfile
 import time
 
+from _table import write_table  # bench/experiments/_table.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNS = [("SigLIP (sigmoid)", "configs/siglip_shapes.py:tiny"),
         ("CLIP (softmax)", "configs/clip_shapes.py:tiny")]
@@ -54,12 +56,7 @@ def main() -> None:
         f"{100 * res['retrieval/i2t_R@1']:.1f}% | {100 * res['retrieval/t2i_R@1']:.1f}% | "
         f"{100 * res['retrieval/i2t_R@5']:.1f}% | {100 * res['retrieval/t2i_R@5']:.1f}% | "
         f"{secs / 60:.1f} min |")
-  lines += ["", f"Chance: zero-shot {100 * r0['zeroshot/chance']:.1f}%, "
-            f"R@1 {100 * r0['retrieval/chance_R@1']:.2f}%."]
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  write_table(lines + [""], r0, args.out)
 
 
 if __name__ == "__main__":

@@ -287,16 +287,18 @@ class Task(base.Task):
       loss = contrastive.sigmoid_loss(zimg, ztxt, t, b, positives=positives, pos_weight=weight)
     else:
       extra = {}
-      if mined is not None and self.max_per_image:
-        ids, dropped = contrastive.positive_ids_from_mask(mined, self.max_per_image)
-        extra["extra_pos_txt_ids"] = ids
-        metrics["mined_dropped"] = dropped
-        weight = self._pos_weight(k, jnp.sum(ids >= 0, axis=1))
-      elif mined is not None:
-        extra["positives"] = mined
-        weight = self._pos_weight(k, jnp.sum(mined, axis=1))
-      if mined is not None and weight is not None:
-        extra["pos_weight"] = weight
+      if mined is not None:
+        if self.max_per_image:
+          ids, dropped = contrastive.positive_ids_from_mask(mined, self.max_per_image)
+          extra["extra_pos_txt_ids"] = ids
+          metrics["mined_dropped"] = dropped
+          num_mined = jnp.sum(ids >= 0, axis=1)  # what did not fit is not a positive
+        else:
+          extra["positives"] = mined
+          num_mined = jnp.sum(mined, axis=1)
+        weight = self._pos_weight(k, num_mined)
+        if weight is not None:
+          extra["pos_weight"] = weight
       loss = self._ring_loss(zimg, ztxt, t, b, owners, **extra)
 
     # Mean logits of the N K owner pairs and of all other pairs, in O((N + N K) D): the ring
