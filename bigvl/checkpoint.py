@@ -1,5 +1,8 @@
-"""Orbax checkpoints of the whole run: train state (params, optimizer state, task state, step,
-rng) and the data iterator's state, so a resumed run continues exactly.
+"""Orbax checkpoints of the whole run -- train state (trainable and frozen params, optimizer
+state, task state, step, rng) and the data iterator's state, so a resumed run continues
+exactly -- and the one place that reads weights from files into part of a state
+(:func:`read_weights`: a previous run's tower, a frozen teacher, a public checkpoint in
+safetensors), each array straight into its shards.
 
 Restoring tries the newest step first; an unreadable one is reported with a warning and the
 previous one is used. Nothing is ever unpickled: arrays go through orbax's tensorstore
@@ -8,12 +11,18 @@ format and the iterator state through JSON.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from bigvl.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +73,163 @@ class Checkpointer:
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
+
+
+# --- reading weights into part of a state (pretrained init, frozen teachers) ------------------
+
+#: The parts of a bigvl train state that together form the model's parameters: trainable
+#: (``params``) and frozen (``frozen``) leaves of one tree, split by the loop.
+PARAM_PARTS = ("params", "frozen")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSource:
+  """Weights in files to read into part of a train state after a fresh init.
+
+  * ``path``: a bigvl run (its workdir, ``checkpoints/`` or one step directory: the newest
+    step is read) or a ``.safetensors`` file.
+  * ``dst``: where they go, a ``'/'``-joined prefix of the state *view*: ``'params'`` (the
+    whole model, trainable and frozen leaves alike), ``'params/img'``, ``'extra/teacher'``.
+  * ``src``: the matching prefix in the file (default: ``dst``; for safetensors, a key
+    prefix, default none). Below the prefixes the leaf paths are the same, unless
+    ``key_fn(rel_path) -> file key`` says otherwise (a public checkpoint's naming).
+  * ``convert(rel_path, array) -> array``: a per-leaf conversion (e.g. a transpose), applied
+    to the host array before it is placed (safetensors only).
+  * ``what``: where it came from, for error messages (``'config.init_from.lm'``).
+  """
+
+  path: str
+  dst: str = "params"
+  src: str | None = None
+  key_fn: Callable[[str], str] | None = None
+  convert: Callable[[str, np.ndarray], np.ndarray] | None = None
+  what: str = "weights"
+
+  @property
+  def is_safetensors(self) -> bool:
+    return self.path.endswith(".safetensors")
+
+
+def step_dir(path: str, what: str = "checkpoint") -> str:
+  """The newest step directory of a bigvl checkpoint: ``path`` may be a workdir, its
+  ``checkpoints`` directory or one step directory (holding ``state``). ConfigError if none."""
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(os.path.join(path, "state")):
+    return path
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+  if not steps:
+    raise ConfigError(f"{what}={path!r} holds no bigvl checkpoint (a workdir, its "
+                      f"checkpoints/ directory or a step directory)")
+  return os.path.join(path, str(steps[-1]))
+
+
+def view_path(path: str) -> str:
+  """A state path -> its path in the state view: ``frozen/x`` and ``params/x`` are both
+  ``params/x``."""
+  head, _, rest = path.partition("/")
+  return f"params/{rest}" if head in PARAM_PARTS else path
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  from bigvl.parallel import path_str
+
+  return {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+  out: dict = {}
+  for path, x in flat.items():
+    node = out
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = x
+  return out
+
+
+def _bigvl_leaves(directory: str, what: str) -> dict[str, Any]:
+  """``{stored state path: metadata}`` of a bigvl step directory's ``state`` item."""
+  try:
+    meta = ocp.PyTreeCheckpointer().metadata(os.path.join(directory, "state"))
+    meta = getattr(meta, "item_metadata", meta)
+    meta = getattr(meta, "tree", meta)
+    return _flat(meta)
+  except Exception as e:  # noqa: BLE001 -- unreadable or not a bigvl state
+    raise ConfigError(f"{what}: cannot read {directory}: {type(e).__name__}: "
+                      f"{str(e)[:200]}") from None
+
+
+class _Plan:
+  """Which file entry fills which target leaf: ``{target rel path: file key}``."""
+
+  def __init__(self, source: WeightSource, targets: dict[str, Any]):
+    self.source = source
+    if source.is_safetensors:
+      if not os.path.isfile(source.path):
+        raise ConfigError(f"{source.what}: no such file {source.path!r}")
+      from safetensors import safe_open
+
+      with safe_open(source.path, framework="numpy") as f:
+        self.available = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+      prefix = f"{source.src}." if source.src else ""
+      default_key = lambda rel: prefix + rel.replace("/", ".")
+    else:
+      self.directory = step_dir(source.path, source.what)
+      stored = _bigvl_leaves(self.directory, source.what)
+      self.stored_at = {view_path(p): p for p in stored}  # view path -> stored path
+      self.available = {view_path(p): tuple(getattr(m, "shape", ()))
+                        for p, m in stored.items()}
+      src = source.src or source.dst
+      default_key = lambda rel: f"{src}/{rel}" if rel else src
+    key_fn = source.key_fn or default_key
+    self.keys = {rel: key_fn(rel) for rel in targets}
+    for rel, key in self.keys.items():
+      want = tuple(targets[rel].shape)
+      if key not in self.available:
+        close = difflib.get_close_matches(key, list(self.available), n=1)
+        hint = f" (closest: {close[0]!r})" if close else ""
+        raise ConfigError(f"{source.what}: {source.path} has no {key!r} for "
+                          f"{source.dst}/{rel}{hint}")
+      if self.available[key] != want:
+        raise ConfigError(f"{source.what}: {key!r} is {self.available[key]} in {source.path} "
+                          f"but {source.dst}/{rel} is {want} in this model")
+
+
+def check_weights(source: WeightSource, targets: dict[str, Any]) -> None:
+  """ConfigError unless ``source`` holds every target (``{rel path: shaped}``) with its
+  shape. Reads metadata only."""
+  _Plan(source, targets)
+
+
+def read_weights(source: WeightSource, targets: dict[str, jax.ShapeDtypeStruct]
+                 ) -> dict[str, jax.Array]:
+  """Reads ``targets`` (``{rel path below source.dst: ShapeDtypeStruct with a sharding}``)
+  from ``source``, each array straight into its shards: orbax partial restore for bigvl
+  checkpoints (nothing else of that state is read), per-shard slices of the memory-mapped
+  file for safetensors. Returns ``{rel path: jax.Array}`` with the targets' dtypes."""
+  plan = _Plan(source, targets)
+  if source.is_safetensors:
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(source.path, framework="numpy") as f:
+      for rel, key in plan.keys.items():
+        t = targets[rel]
+        if source.convert is None:
+          sl = f.get_slice(key)
+          fetch = lambda idx, sl=sl, t=t: np.asarray(sl[idx], dtype=t.dtype)
+        else:
+          full = np.asarray(source.convert(rel, f.get_tensor(key)), dtype=t.dtype)
+          fetch = lambda idx, full=full: full[idx]
+        out[rel] = jax.make_array_from_callback(t.shape, t.sharding, fetch)
+    return out
+  stored = {plan.stored_at[key]: (rel, targets[rel]) for rel, key in plan.keys.items()}
+  item = _nest({p: jax.ShapeDtypeStruct(t.shape, t.dtype) for p, (_, t) in stored.items()})
+  restore = _nest({p: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
+                                           dtype=t.dtype) for p, (_, t) in stored.items()})
+  args = ocp.args.PyTreeRestore(item=item, restore_args=restore, partial_restore=True)
+  got = _flat(ocp.PyTreeCheckpointer().restore(os.path.join(plan.directory, "state"),
+                                               args=args))
+  return {rel: got[p] for p, (rel, _) in stored.items()}

@@ -6,8 +6,9 @@
   ``rsqrt``, down to ``lr * end_frac``.
 * ``optim.wd``: decoupled weight decay, applied to parameters whose path matches
   ``optim.wd_mask`` (default: kernels/embeddings with ndim >= 2).
-* ``optim.frozen``: regexes of parameters that get no update (a mask, not a second
-  optimizer: LoRA-only training is ``frozen=('^(?!.*lora).*$',)``).
+* ``optim.frozen``: regexes of parameters that are not trained. The loop reads it
+  (:func:`frozen_predicate`) and splits them off before differentiating: they get no
+  gradient and no optimizer state (``bigvl.train``).
 * ``optim.lr_mults``: ``((regex, multiplier), ...)``, the first match wins.
 * ``optim.clip_norm``: global gradient-norm clipping (0 = off).
 """
@@ -68,7 +69,6 @@ def make_optimizer(cfg: Reader, sched_cfg: Reader | None, total_steps: int
   wd = float(cfg.typed("wd", (float, int), 0.0))
   clip = float(cfg.typed("clip_norm", (float, int), 0.0))
   wd_rx = _regexes(cfg.get("wd_mask", None), "wd_mask")
-  frozen_rx = _regexes(cfg.get("frozen", ()), "frozen")
   mults = [(re.compile(rx), float(m)) for rx, m in (cfg.get("lr_mults", ()) or ())]
   b1 = float(cfg.typed("b1", (float, int), 0.9))
   b2 = float(cfg.typed("b2", (float, int), 0.999))
@@ -103,11 +103,11 @@ def make_optimizer(cfg: Reader, sched_cfg: Reader | None, total_steps: int
         lambda params: optax.EmptyState(),
         lambda u, s, params=None: (jax.tree.map(lambda g, m: g * m, u, mult_tree(u)), s)))
   parts.append(optax.scale_by_learning_rate(sched))
-  tx = optax.chain(*parts)
-  if frozen_rx:
-    def trainable(params):
-      return _path_mask(params, lambda p, x: not any(r.search(p) for r in frozen_rx))
-    tx = optax.chain(optax.masked(tx, trainable),
-                     optax.masked(optax.set_to_zero(), lambda p: jax.tree.map(
-                         lambda t: not t, trainable(p))))
-  return tx, sched
+  return optax.chain(*parts), sched
+
+
+def frozen_predicate(cfg: Reader):
+  """``optim.frozen`` regexes -> ``is_frozen(path) -> bool`` (``re.search`` on the
+  ``'/'``-joined parameter path)."""
+  frozen_rx = _regexes(cfg.get("frozen", ()), "frozen")
+  return lambda path: any(r.search(path) for r in frozen_rx)

@@ -1,10 +1,11 @@
 """Meshes, declarative partition rules and host-local <-> global arrays.
 
 * ``make_mesh(config.mesh)``: axes ``('data', 'fsdp', 'tensor')``; ``-1`` fills the rest.
-* ``partition_rules``: ``[(regex, spec)]``; the first regex that ``re.search``es a parameter's
-  ``/``-joined path gives its ``PartitionSpec``. The same rules shard optimizer state (its
-  paths contain the parameter path). A dimension that a mesh axis does not divide is
-  replicated instead, with a warning naming the parameter (never silently).
+* Logical axes (the MaxText way): models name each parameter's dimensions (``embed``,
+  ``mlp``, ``heads``, ``vocab``, ``layers`` ...); ``config.logical_axis_rules`` (default
+  :data:`DEFAULT_LOGICAL_RULES`) maps names to mesh axes. Optimizer state is sharded like its
+  parameters. A dimension that a mesh axis does not divide, a parameter without names and a
+  large replicated parameter are reported with a warning (never silently).
 * Batches are sharded on the leading dimension over ``BATCH_AXES = ('data', 'fsdp')`` and
   built from each host's shard with ``jax.make_array_from_process_local_data``.
 """
@@ -14,10 +15,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -94,56 +95,142 @@ def path_str(path: tuple) -> str:
   return "/".join(parts)
 
 
-def _fit_spec(spec: tuple, shape: tuple[int, ...], mesh: Mesh, name: str) -> PartitionSpec:
-  spec = tuple(spec)[: len(shape)]
+#: Logical axis name -> mesh axes (MaxText style). Models name each parameter's dimensions
+#: (``nn.with_logical_partitioning``); changing the parallelism is changing this table
+#: (``config.logical_axis_rules``), never the model. A name no rule maps is replicated.
+DEFAULT_LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("embed", "fsdp"),      # model width
+    ("mlp", "tensor"),      # MLP hidden
+    ("heads", "tensor"),    # attention heads
+    ("kv", None),           # per-head features
+    ("vocab", "tensor"),    # token embeddings / LM head rows
+    ("proj", None),         # the two-tower projection's output
+    ("conv_out", "fsdp"),   # output channels of a convolution
+    ("conv_in", None),
+    ("classes", None),
+    ("norm", None),         # LayerNorm / BatchNorm scales and biases
+    ("layers", None),       # the stacked axis of scanned layers
+)
+#: A parameter of at least this many values that ends up replicated on a mesh with model
+#: axes (fsdp * tensor > 1) is reported.
+LARGE_REPLICATED = 1 << 20
+
+
+def check_logical_rules(rules: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+  """Validates ``config.logical_axis_rules``: ``(logical name, mesh axis | axes | None)``
+  pairs -> ``((name, (mesh axes...)), ...)``."""
   out = []
-  for dim, axis in zip(shape, spec, strict=False):
-    axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
-    size = math.prod(mesh.shape[a] for a in axes)
-    if axes and dim % size:
-      log.warning("sharding: %s dim %d (size %d) not divisible by mesh axes %s (%d): replicated",
-                  name, len(out), dim, axes, size)
-      out.append(None)
-    else:
-      out.append(axis if axes else None)
+  for item in DEFAULT_LOGICAL_RULES if rules is None else rules:
+    if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+      raise ConfigError(f"config.logical_axis_rules entries are (logical name, mesh axes) "
+                        f"pairs, got {item!r}")
+    name, axes = item
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    for a in axes:
+      if a not in MESH_AXES:
+        raise ConfigError(f"config.logical_axis_rules: {name!r} -> unknown mesh axis {a!r}; "
+                          f"axes are {MESH_AXES}")
+    out.append((name, axes))
+  return tuple(out)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: tuple[int, ...], rules: Sequence,
+                    mesh: Mesh, what: str = "") -> PartitionSpec:
+  """Logical dimension names -> a PartitionSpec: each dimension takes the first rule for its
+  name whose mesh axes this spec does not use yet. A dimension the mesh axes do not divide
+  is replicated, with a warning naming ``what`` (never silently)."""
+  used: set[str] = set()
+  out = []
+  for dim, (size, name) in enumerate(zip(shape, names, strict=True)):
+    axes: tuple[str, ...] = ()
+    for rule_name, rule_axes in rules:
+      if rule_name == name and not used.intersection(rule_axes):
+        axes = rule_axes
+        break
+    n = math.prod(mesh.shape[a] for a in axes)
+    if axes and size % n:
+      log.warning("sharding: %s dim %d (size %d, %r) not divisible by mesh axes %s (%d): "
+                  "replicated", what, dim, size, name, axes, n)
+      axes = ()
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return PartitionSpec(*out)
 
 
-def tree_shardings(tree: Any, rules: Sequence[tuple[str, Sequence]], mesh: Mesh) -> Any:
-  """NamedShardings for every leaf of ``tree`` (arrays or ShapeDtypeStructs) from the rules."""
-  compiled = [(re.compile(rx), tuple(spec)) for rx, spec in rules]
+def _is_boxed(x: Any) -> bool:
+  return isinstance(x, nn.meta.AxisMetadata)
+
+
+def logical_names(tree: Any) -> dict[str, tuple[str | None, ...]]:
+  """``{path: logical names}`` of the leaves of ``tree`` that carry them (boxed by
+  ``nn.with_logical_partitioning`` or scanned with a ``PARTITION_NAME``)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_boxed):
+    if isinstance(leaf, nn.Partitioned):
+      out[path_str(path)] = tuple(leaf.names)
+  return out
+
+
+def unbox(tree: Any) -> Any:
+  """The tree with logical-axis boxes removed (plain arrays / ShapeDtypeStructs)."""
+  return nn.meta.unbox(tree)
+
+
+def state_shardings(state: Any, names: dict[str, tuple], rules: Sequence, mesh: Mesh,
+                    param_parts: tuple[str, ...] = ("params", "frozen")) -> Any:
+  """NamedShardings for every leaf of ``state`` (unboxed arrays or ShapeDtypeStructs).
+
+  A leaf's logical names come from ``names`` (:func:`logical_names` of the boxed state);
+  a leaf without them whose path ends with a parameter's path (below one of
+  ``param_parts``) and has its shape inherits that parameter's names: optimizer moments are
+  sharded like their parameters. Everything else is replicated. On a mesh with model axes
+  (``fsdp * tensor > 1``) parameters without logical names, and any leaf of at least
+  :data:`LARGE_REPLICATED` values that ends up replicated, are reported with their size.
+  """
+  by_rel: dict[str, tuple] = {}
+  for path, n in names.items():
+    head, _, rel = path.partition("/")
+    if head in param_parts:
+      by_rel[rel] = n
+  model_axes = mesh.shape["fsdp"] * mesh.shape["tensor"] > 1
+  unnamed, replicated = [], []
 
   def one(path, leaf):
     name = path_str(path)
     shape = tuple(getattr(leaf, "shape", ()))
-    if not shape:
-      return NamedSharding(mesh, PartitionSpec())
-    for rx, spec in compiled:
-      if rx.search(name):
-        return NamedSharding(mesh, _fit_spec(spec, shape, mesh, name))
-    return NamedSharding(mesh, PartitionSpec())
+    leaf_names = names.get(name)
+    if leaf_names is None:
+      parts = name.split("/")
+      for i in range(1, len(parts)):
+        cand = by_rel.get("/".join(parts[i:]))
+        if cand is not None and len(cand) == len(shape):
+          leaf_names = cand
+          break
+    if leaf_names is None:
+      if parts_head(name) in param_parts and shape:
+        unnamed.append((name, math.prod(shape)))
+      spec = PartitionSpec()
+    else:
+      spec = logical_to_spec(leaf_names, shape, rules, mesh, name)
+    size = math.prod(shape) if shape else 1
+    if model_axes and size >= LARGE_REPLICATED and all(a is None for a in spec):
+      replicated.append((name, size))
+    return NamedSharding(mesh, spec)
 
-  return jax.tree_util.tree_map_with_path(one, tree)
-
-
-def check_rules(rules: Any) -> list[tuple[str, tuple]]:
-  """Validates ``config.partition_rules``: a sequence of ``(regex, spec)`` pairs."""
-  out = []
-  for item in rules or ():
-    if not (isinstance(item, (tuple, list)) and len(item) == 2):
-      raise ConfigError(f"config.partition_rules entries are (regex, spec) pairs, got {item!r}")
-    rx, spec = item
-    try:
-      re.compile(rx)
-    except (re.error, TypeError) as e:
-      raise ConfigError(f"config.partition_rules: bad regex {rx!r}: {e}") from None
-    for axis in spec:
-      axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
-      for a in axes:
-        if a not in MESH_AXES:
-          raise ConfigError(f"config.partition_rules: {rx!r} names unknown mesh axis {a!r}")
-    out.append((rx, tuple(spec)))
+  out = jax.tree_util.tree_map_with_path(one, state)
+  if model_axes and unnamed:
+    total = sum(n for _, n in unnamed)
+    log.warning("sharding: %d parameter(s) (%s values) have no logical axis names and are "
+                "replicated: %s", len(unnamed), f"{total:,}",
+                ", ".join(n for n, _ in unnamed[:4]) + (" ..." if len(unnamed) > 4 else ""))
+  for name, size in replicated:
+    log.warning("sharding: %s (%s values) is replicated on every device of a mesh with "
+                "model axes %s", name, f"{size:,}", dict(mesh.shape))
   return out
+
+
+def parts_head(path: str) -> str:
+  return path.partition("/")[0]
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

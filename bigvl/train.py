@@ -3,7 +3,8 @@
 ``config -> mesh -> task (data + model + loss) -> optimizer -> jit(train_step) -> loop``:
 
 * everything is built and the config audited (unknown keys, bad values) before compiling;
-* the train step is one ``jax.jit`` with in/out shardings from ``config.partition_rules``;
+* the train step is one ``jax.jit`` with in/out shardings from the parameters' logical axes
+  and ``config.logical_axis_rules``; frozen parameters are held, never differentiated;
   a step whose loss or gradient is not finite is refused (state unchanged) and counted;
 * orbax checkpoints carry params, optimizer state, task state, step, rng and the data
   iterator's state: re-running the same command resumes and continues exactly;
@@ -29,7 +30,7 @@ import optax
 
 from bigvl import checkpoint, metrics, optim, parallel, registry
 from bigvl.config import ConfigError, Reader, positive_int
-from bigvl.tasks.base import Task
+from bigvl.tasks.base import EvalView, Task
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,9 @@ class Run:
   config: ml_collections.ConfigDict
   task: Task
   mesh: jax.sharding.Mesh
-  rules: list
+  rules: tuple  # logical axis name -> mesh axes
+  is_frozen: Any  # path -> bool: not trained (config.optim.frozen or the task)
+  weights: list  # checkpoint.WeightSource: read after a fresh init
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   seed: int
@@ -82,16 +85,21 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Run
   r = Reader(config)
   seed = r.typed("seed", int)
   mesh = parallel.make_mesh(r.mesh, devices)
-  rules = parallel.check_rules(r.get("partition_rules", ()))
+  rules = parallel.check_logical_rules(r.get("logical_axis_rules"))
   task = registry.load("tasks", r.typed("task", str), "task").Task(r, mesh)
   total = duration_steps(r, "total", task.num_train_examples, task.batch_size)
   tx, sched = optim.make_optimizer(r.optim, r.get("schedule"), total)
+  frozen_rx = optim.frozen_predicate(r.optim)
+  is_frozen = lambda path: frozen_rx(path) or not task.trainable(path)
+  weights = list(task.pretrained()) + read_init_from(r.get("init_from"))
   evaluators = []
+  view = EvalView(task)
   for name, ecfg in (r.get("evals") or Reader({}, "config.evals")).items():
     mod = registry.load("evaluators", ecfg.typed("type", str), "evaluator")
     every = positive_int(ecfg, "every", total)
-    evaluators.append((name, mod.Evaluator(ecfg, task, mesh), every))
-  run = Run(config=config, task=task, mesh=mesh, rules=rules, tx=tx, schedule=sched,
+    evaluators.append((name, mod.Evaluator(ecfg, view, mesh), every))
+  run = Run(config=config, task=task, mesh=mesh, rules=rules, is_frozen=is_frozen,
+            weights=weights, tx=tx, schedule=sched,
             seed=seed, total_steps=total, log_every=positive_int(r, "log_every"),
             ckpt_every=positive_int(r, "ckpt_every"),
             keep_ckpts=positive_int(r, "keep_ckpts", 2),
@@ -104,9 +112,57 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Run
   return run
 
 
+def read_init_from(r: Reader | None) -> list[checkpoint.WeightSource]:
+  """``config.init_from.<name> = {path, dst='params', src=None}``: weights read into the
+  state after a fresh init (never on resume), e.g. a previous run's image tower
+  ``{path: '/runs/siglip', dst: 'params/img'}`` or a ``.safetensors`` file."""
+  out = []
+  for _, c in (r.items() if r is not None else ()):
+    what = f"{c.path}.path"
+    path = c.typed("path", str)
+    dst = c.typed("dst", str, "params")
+    if parallel.parts_head(dst) not in ("params", "extra"):
+      raise ConfigError(f"{c.path}.dst={dst!r} must start with 'params' or 'extra'")
+    src = checkpoint.WeightSource(path=path, dst=dst, src=c.typed("src", str, None), what=what)
+    if not src.is_safetensors:
+      checkpoint.step_dir(path, what)  # exists and holds a checkpoint, before compiling
+    elif not os.path.isfile(os.path.expanduser(path)):
+      raise ConfigError(f"{what}: no such file {path!r}")
+    out.append(src)
+  return out
+
+
+def split_params(params: Any, is_frozen: Any) -> tuple[dict, dict]:
+  """A nested dict of parameters -> ``(trainable, frozen)`` nested dicts holding only their
+  leaves (empty sub-dicts dropped); ``is_frozen(path)`` on ``'/'``-joined paths."""
+  def split(node, prefix):
+    if not isinstance(node, dict):
+      return (None, node) if is_frozen(prefix) else (node, None)
+    t, f = {}, {}
+    for k, v in node.items():
+      a, b = split(v, f"{prefix}/{k}" if prefix else str(k))
+      if a is not None and not (isinstance(a, dict) and not a):
+        t[k] = a
+      if b is not None and not (isinstance(b, dict) and not b):
+        f[k] = b
+    return t, f
+  return split(params, "")
+
+
+def merge_params(a: dict, b: dict) -> dict:
+  """The inverse of :func:`split_params`: one nested dict with the leaves of both."""
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = merge_params(out[k], v) if k in out and isinstance(v, dict) else v
+  return out
+
+
 def make_train_step(task: Task, tx: optax.GradientTransformation, sched: optax.Schedule,
                     microbatches: int = 1):
   """The pure train step ``(state, batch) -> (state, metrics)``; not yet jitted.
+
+  Only ``state['params']`` (the trainable leaves) is differentiated and updated;
+  ``state['frozen']`` is merged in for the forward pass and never gets a gradient.
 
   ``microbatches > 1`` accumulates gradients over that many slices of the batch in a
   ``lax.scan`` (same update as one big batch for losses that are means over examples; a
@@ -114,13 +170,13 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, sched: optax.S
   ``i, i + m, i + 2m, ...`` so every device keeps its own rows: no communication.
   """
 
-  def grads_of(params, extra, batch, rng, step):
+  def grads_of(params, frozen, extra, batch, rng, step):
     def loss_fn(p):
-      return task.loss(p, extra, batch, rng, step)
+      return task.loss(merge_params(p, frozen), extra, batch, rng, step)
     (loss, (aux, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, aux, extra, grads
 
-  def accumulated(params, extra, batch, rng, step):
+  def accumulated(params, frozen, extra, batch, rng, step):
     m = microbatches
     slices = jax.tree.map(
         lambda x: jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1), batch)
@@ -128,7 +184,8 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, sched: optax.S
     def body(carry, inp):
       extra, acc = carry
       i, mb = inp
-      loss, aux, extra, grads = grads_of(params, extra, mb, jax.random.fold_in(rng, i), step)
+      loss, aux, extra, grads = grads_of(params, frozen, extra, mb, jax.random.fold_in(rng, i),
+                                         step)
       return (extra, jax.tree.map(jnp.add, acc, grads)), (loss, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -142,17 +199,19 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, sched: optax.S
     step = state["step"]
     rng = jax.random.fold_in(state["rng"], step)
     fn = grads_of if microbatches == 1 else accumulated
-    loss, aux, extra, grads = fn(state["params"], state["extra"], batch, rng, step)
+    frozen = state["frozen"]
+    loss, aux, extra, grads = fn(state["params"], frozen, state["extra"], batch, rng, step)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    extra = task.after_step(params, extra, step)
+    extra = task.after_step(merge_params(params, frozen), extra, step)
     gnorm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     new = {"params": params, "opt_state": opt_state, "extra": extra}
     kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new,
                         {k: state[k] for k in new})
     skipped = state["skipped"] + (1 - ok.astype(jnp.int32))
-    out = {**kept, "step": step + 1, "rng": state["rng"], "skipped": skipped}
+    out = {**kept, "frozen": frozen, "step": step + 1, "rng": state["rng"],
+           "skipped": skipped}
     aux = {**aux, "loss": loss, "grad_norm": gnorm, "lr": sched(step),
            "skipped_steps": skipped}
     return out, aux
@@ -162,8 +221,8 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, sched: optax.S
 
 @dataclasses.dataclass
 class Compiled:
-  """The functions of a run: ``init(batch) -> state`` (jitted, then the task's host-side
-  ``load_frozen``), ``step(state, batch)`` (jitted)."""
+  """The functions of a run: ``init(batch) -> state`` (jitted, then the pretrained weights
+  read into their shards), ``step(state, batch)`` (jitted)."""
 
   init: Any
   step: Any
@@ -172,34 +231,86 @@ class Compiled:
 
 
 def compile_run(run: Run, example_batch: Any) -> Compiled:
-  """jits init and the train step with shardings from the partition rules."""
+  """jits init and the train step with shardings from the parameters' logical axes.
+
+  The state is ``{params (trainable), frozen, opt_state (trainable only), extra, step, rng,
+  skipped}``; ``model_params(state)`` merges the two parameter parts.
+  """
   key = jax.random.PRNGKey(run.seed)
   init_rng, train_rng = jax.random.split(key)
 
-  def init_fn(batch):
+  def boxed_init(batch):
     params, extra = run.task.init(init_rng, batch)
-    return {"params": params, "opt_state": run.tx.init(params), "extra": extra,
+    trainable, frozen = split_params(params, run.is_frozen)
+    return {"params": trainable, "frozen": frozen, "extra": extra}
+
+  def init_fn(batch):
+    parts = parallel.unbox(boxed_init(batch))
+    return {**parts, "opt_state": run.tx.init(parts["params"]),
             "step": jnp.zeros((), jnp.int32), "rng": train_rng,
             "skipped": jnp.zeros((), jnp.int32)}
 
+  names = parallel.logical_names(jax.eval_shape(boxed_init, example_batch))
   shapes = jax.eval_shape(init_fn, example_batch)
-  shardings = parallel.tree_shardings(shapes, run.rules, run.mesh)
+  shardings = parallel.state_shardings(shapes, names, run.rules, run.mesh)
+  abstract = checkpoint.abstract_with_shardings(shapes, shardings)
+  targets = [_weight_targets(src, abstract) for src in run.weights]
+  for src, t in zip(run.weights, targets, strict=True):
+    checkpoint.check_weights(src, t)  # every target is there with its shape, before compiling
   jit_init = jax.jit(init_fn, out_shardings=shardings)
 
   def init(batch):
     state = jit_init(batch)
-    state["extra"] = run.task.load_frozen(state["extra"], shardings["extra"])
+    for src, t in zip(run.weights, targets, strict=True):
+      state = _put_weights(state, src.dst, checkpoint.read_weights(src, t))
     return state
 
   batch_sh = jax.tree.map(lambda _: parallel.batch_sharding(run.mesh), example_batch)
   step = jax.jit(make_train_step(run.task, run.tx, run.schedule, run.microbatches),
                  in_shardings=(shardings, batch_sh),
                  out_shardings=(shardings, parallel.replicated(run.mesh)), donate_argnums=0)
-  return Compiled(init, step, checkpoint.abstract_with_shardings(shapes, shardings), shardings)
+  return Compiled(init, step, abstract, shardings)
 
 
-def _count_params(params: Any) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+def model_params(state: dict) -> dict:
+  """The whole parameter tree of a train state (trainable and frozen leaves merged)."""
+  return merge_params(state["params"], state["frozen"])
+
+
+def _view_leaves(state: Any) -> dict[str, tuple[str, Any]]:
+  """``{view path: (state path, leaf)}``: ``params/x`` for trainable and frozen leaves alike."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    p = parallel.path_str(path)
+    out[checkpoint.view_path(p)] = (p, leaf)
+  return out
+
+
+def _weight_targets(src: checkpoint.WeightSource, abstract: Any) -> dict[str, Any]:
+  """``{path below src.dst: ShapeDtypeStruct}`` of the state leaves ``src`` fills."""
+  prefix = src.dst.rstrip("/") + "/"
+  out = {p[len(prefix):]: leaf for p, (_, leaf) in _view_leaves(abstract).items()
+         if p.startswith(prefix)}
+  if not out:
+    raise ConfigError(f"{src.what}: dst={src.dst!r} names no part of this run's state")
+  return out
+
+
+def _put_weights(state: Any, dst: str, arrays: dict[str, jax.Array]) -> Any:
+  """``state`` with the leaves below ``dst`` (view paths) replaced by ``arrays``."""
+  prefix = dst.rstrip("/") + "/"
+  paths, treedef = jax.tree_util.tree_flatten_with_path(state)
+  leaves = []
+  for path, leaf in paths:
+    rel = checkpoint.view_path(parallel.path_str(path))
+    rel = rel[len(prefix):] if rel.startswith(prefix) else None
+    leaves.append(arrays[rel] if rel in arrays else leaf)
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _count_params(params: Any) -> float:
+  """Millions of values."""
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) / 1e6
 
 
 class _Preemption:
@@ -253,7 +364,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
     metrics.truncate_jsonl(writer.jsonl_path, step)
   del example
   if jax.process_index() == 0:
-    print(f"bigvl: task={config.task} params={_count_params(state['params']) / 1e6:.2f}M "
+    print(f"bigvl: task={config.task} params={_count_params(model_params(state)):.2f}M "
+          f"(trainable {_count_params(state['params']):.2f}M) "
           f"mesh={dict(mesh.shape)} devices={jax.device_count()} steps={run.total_steps} "
           f"batch={task.batch_size} workdir={workdir}", flush=True)
 
@@ -288,7 +400,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
       for name, ev, every in run.evaluators:
         if step % every == 0 or step == run.total_steps:
           t0 = time.perf_counter()
-          res = ev.run(state["params"], state["extra"])
+          res = ev.run(model_params(state), state["extra"])
           res = {f"{name}/{k}": float(v) for k, v in res.items()}
           writer.write(step, res)
           last_eval.update(res)

@@ -20,15 +20,9 @@ def get_config(arg=None):
   c.ckpt_every = 200 if a.tiny else 2000
   c.keep_ckpts = 2
   c.mesh = mlc.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-  # Regex on the parameter path -> PartitionSpec over ('data', 'fsdp', 'tensor').
-  c.partition_rules = (
-      (r"attn/(query|key|value)/kernel", ("fsdp", "tensor", None)),
-      (r"attn/out/kernel", ("tensor", None, "fsdp")),
-      (r"mlp/fc1/kernel", ("fsdp", "tensor")),
-      (r"mlp/fc2/kernel", ("tensor", "fsdp")),
-      (r"token_embedding/embedding", ("tensor", "fsdp")),
-      (r"_proj/kernel", ("fsdp", None)),
-  )
+  # Logical axis name (named on each parameter by the model) -> mesh axes, MaxText style.
+  c.logical_axis_rules = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
+                          ("vocab", "tensor"), ("kv", None), ("proj", None), ("norm", None))
 
   c.input = mlc.ConfigDict()
   c.input.dataset = "shapes_captions"

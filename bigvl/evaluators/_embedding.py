@@ -1,4 +1,11 @@
-"""Embedding a whole eval split with a two-tower task (shared by zero-shot and retrieval)."""
+"""Embedding a whole eval split with an image-text task (shared by zero-shot and retrieval).
+
+Uses only the declared task interface (``bigvl/tasks/base.py``): eval data of kind
+``'image_text'`` (``{'image', 'tokens': [C, L], 'label'?}`` per example), the prediction
+functions named by ``image_fn`` (default ``'embed_images'``: ``batch['image'] -> [B, E]``) and
+``text_fn`` (default ``'embed_texts'``: ``batch['tokens'] [B, L] -> [B, E]``), and
+``encode_texts`` for free text (zero-shot prompts).
+"""
 
 from __future__ import annotations
 
@@ -12,44 +19,50 @@ from bigvl import parallel
 from bigvl.config import Reader, positive_int
 from bigvl.data import pipeline
 from bigvl.evaluators._split import read_eval_split
+from bigvl.tasks.base import EvalView
 
 
 class SplitEmbedder:
-  """Reads ``dataset`` (default: the task's), ``split``, ``batch_size``, ``num_captions``."""
+  """Reads ``dataset`` (default: the task's), ``split``, ``batch_size``, ``num_captions``,
+  ``image_fn``, ``text_fn``."""
 
-  def __init__(self, cfg: Reader, task: Any, mesh: Mesh):
+  def __init__(self, cfg: Reader, task: EvalView, mesh: Mesh):
     self.task, self.mesh = task, mesh
+    task.require_kind("image_text", cfg.path)
     split = read_eval_split(cfg, task, mesh)
     self.dataset, self.batch_size = split.dataset, split.batch_size
     self.source, self.info = split.source, split.info
     self.num_captions = positive_int(cfg, "num_captions", 1)
-    self._img = jax.jit(task.embed_images)
-    self._txt = jax.jit(task.embed_texts)
+    self._transform = task.eval_transform("image_text", num_captions=self.num_captions)
+    self._img = jax.jit(task.predict_fn(cfg.typed("image_fn", str, "embed_images"),
+                                        f"{cfg.path}.image_fn"))
+    self._txt = jax.jit(task.predict_fn(cfg.typed("text_fn", str, "embed_texts"),
+                                        f"{cfg.path}.text_fn"))
 
-  def embed(self, params: Any, texts: bool = True) -> dict[str, np.ndarray]:
+  def embed(self, params: Any, state: Any, texts: bool = True) -> dict[str, np.ndarray]:
     """``{'zimg': [N, E], 'ztxt': [N, C, E], 'label': [N]}`` in dataset order."""
     out: dict[str, list] = {"zimg": [], "ztxt": [], "label": []}
-    transform = lambda ex: self.task.transform.eval(ex, self.num_captions)
-    for local, n in pipeline.eval_batches(self.source, transform, self.batch_size):
+    for local, n in pipeline.eval_batches(self.source, self._transform, self.batch_size):
       batch = parallel.global_batch(local, self.mesh)
-      out["zimg"].append(parallel.to_host(self._img(params, batch["image"]))[:n])
+      out["zimg"].append(parallel.to_host(self._img(params, state, {"image": batch["image"]}))[:n])
       if texts:
         b, c, length = batch["tokens"].shape
-        z = self._txt(params, batch["tokens"].reshape(b * c, length))
+        z = self._txt(params, state, {"tokens": batch["tokens"].reshape(b * c, length)})
         out["ztxt"].append(parallel.to_host(z).reshape(b, c, -1)[:n])
       if "label" in batch:
         out["label"].append(parallel.to_host(batch["label"])[:n])
     return {k: np.concatenate(v) for k, v in out.items() if v}
 
-  def embed_texts(self, params: Any, texts: list[str]) -> np.ndarray:
-    tokens = self.task.tokenizer.encode(texts, self.task.max_len)
+  def embed_texts(self, params: Any, state: Any, texts: list[str]) -> np.ndarray:
+    """[len(texts), E] embeddings of free texts (padded to whole global batches)."""
+    tokens = self.task.encode_texts(texts)["tokens"]
     pad = (-len(tokens)) % self.batch_size
     tokens = np.concatenate([tokens, np.repeat(tokens[-1:], pad, axis=0)])
     outs = []
+    me, hosts = jax.process_index(), jax.process_count()
     for i in range(0, len(tokens), self.batch_size):
       local = tokens[i:i + self.batch_size]
-      me, hosts = jax.process_index(), jax.process_count()
       per = len(local) // hosts
-      batch = parallel.global_batch(local[me * per:(me + 1) * per], self.mesh)
-      outs.append(parallel.to_host(self._txt(params, batch)))
+      batch = parallel.global_batch({"tokens": local[me * per:(me + 1) * per]}, self.mesh)
+      outs.append(parallel.to_host(self._txt(params, state, batch)))
     return np.concatenate(outs)[: len(texts)]

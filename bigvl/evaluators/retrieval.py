@@ -12,7 +12,8 @@ any item of the query's scene (a caption of any image with the same scene id, re
 image) ranks in the top K, ties counting against the query as above.
 
 Config: ``type='retrieval'``, ``every``, ``dataset``, ``split``, ``batch_size``,
-``num_captions``, ``ks``, ``scene_key`` (default None: standard recall only).
+``num_captions``, ``ks``, ``scene_key`` (default None: standard recall only), ``image_fn`` /
+``text_fn`` (the task's prediction functions, see ``_embedding.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from jax.sharding import Mesh
 
 from bigvl.config import ConfigError, Reader
 from bigvl.evaluators._embedding import SplitEmbedder
+from bigvl.tasks.base import EvalView
 
 
 def recall_at_k(zimg: np.ndarray, ztxt: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
@@ -76,7 +78,7 @@ def scene_recall_at_k(zimg: np.ndarray, ztxt: np.ndarray, scene: np.ndarray,
 
 
 class Evaluator:
-  def __init__(self, cfg: Reader, task: Any, mesh: Mesh):
+  def __init__(self, cfg: Reader, task: EvalView, mesh: Mesh):
     self.embedder = SplitEmbedder(cfg, task, mesh)
     self.ks = tuple(cfg.get("ks", (1, 5, 10)))
     self.scene_key = cfg.typed("scene_key", str, None)
@@ -100,7 +102,7 @@ class Evaluator:
     return self._scene
 
   def run(self, params: Any, state: Any = None) -> dict[str, float]:
-    emb = self.embedder.embed(params)
+    emb = self.embedder.embed(params, state)
     out = recall_at_k(emb["zimg"], emb["ztxt"], self.ks)
     if self.scene_key is not None:
       out.update(scene_recall_at_k(emb["zimg"], emb["ztxt"], self.scene_ids(), self.ks))

@@ -4,7 +4,8 @@ of their L2-normalised text embeddings per class -> each image's class is
 
 Config (``config.evals.<name>``): ``type='zeroshot'``, ``every``, ``dataset``, ``split``,
 ``batch_size``, ``prompts`` (templates with ``{}``), ``class_names`` (default: the dataset's
-``label`` feature names), ``label_key``.
+``label`` feature names), ``label_key``, ``image_fn`` / ``text_fn`` (the task's prediction
+functions, see ``_embedding.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from jax.sharding import Mesh
 from bigvl.config import ConfigError, Reader
 from bigvl.evaluators._embedding import SplitEmbedder
 from bigvl.models.two_tower import l2_normalize
+from bigvl.tasks.base import EvalView
 
 DEFAULT_PROMPTS = ("a {}", "a picture of a {}")
 
@@ -28,7 +30,7 @@ def class_embeddings(ztxt: np.ndarray, num_classes: int, num_prompts: int) -> np
 
 
 class Evaluator:
-  def __init__(self, cfg: Reader, task: Any, mesh: Mesh):
+  def __init__(self, cfg: Reader, task: EvalView, mesh: Mesh):
     self.embedder = SplitEmbedder(cfg, task, mesh)
     self.prompts = tuple(cfg.get("prompts", DEFAULT_PROMPTS))
     names = cfg.get("class_names", None)
@@ -44,9 +46,9 @@ class Evaluator:
 
   def run(self, params: Any, state: Any = None) -> dict[str, float]:
     texts = [p.format(c) for c in self.class_names for p in self.prompts]
-    zcls = class_embeddings(self.embedder.embed_texts(params, texts), len(self.class_names),
-                            len(self.prompts))
-    emb = self.embedder.embed(params, texts=False)
+    zcls = class_embeddings(self.embedder.embed_texts(params, state, texts),
+                            len(self.class_names), len(self.prompts))
+    emb = self.embedder.embed(params, state, texts=False)
     pred = np.argmax(emb["zimg"] @ zcls.T, axis=1)
     return {"accuracy": float(np.mean(pred == emb["label"])),
             "chance": 1.0 / len(self.class_names)}

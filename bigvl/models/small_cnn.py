@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bigvl.models import logical
 from bigvl.models.wide_resnet import classifier_head, conv_init, leaky_relu
 
 Dtype = Any
@@ -53,7 +54,7 @@ class SmallCNN(nn.Module):
                   kernel_init=conv_init, dtype=self.dtype, name=f"conv{i}")(x)
       x = nn.BatchNorm(use_running_average=not train, axis_name=None,
                        momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
-                       name=f"bn{i}")(x)
+                       name=f"bn{i}", **logical.batch_norm_inits())(x)
       x = leaky_relu(x)
     return classifier_head(x, self.num_classes, self.dropout_rate, train, self.dtype)
 

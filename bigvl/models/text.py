@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bigvl.models import logical
 from bigvl.models.transformer import Encoder
 
 
@@ -27,10 +28,11 @@ class TextTransformer(nn.Module):
   def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """tokens: int [B, L] (0 = padding) -> (pooled [B, width], per-token [B, L, width])."""
     valid = tokens != self.pad_id
-    x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
+    x = nn.Embed(self.vocab_size, self.width,
+                 embedding_init=logical.named(nn.initializers.normal(0.02), "vocab", "embed"),
                  name="token_embedding")(tokens).astype(self.dtype)
-    pos = self.param("pos_embedding", nn.initializers.normal(0.01),
-                     (1, self.max_len, self.width))
+    pos = self.param("pos_embedding", logical.named(nn.initializers.normal(0.01), None, None,
+                                                    "embed"), (1, self.max_len, self.width))
     x = x + pos[:, : tokens.shape[1]].astype(self.dtype)
     mask = nn.make_attention_mask(valid, valid)
     if self.causal:

@@ -10,6 +10,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bigvl.models import logical
+
+
+def attention(num_heads: int, dtype: jnp.dtype, *, name: str) -> nn.MultiHeadDotProductAttention:
+  """Multi-head attention with logical axes: q/k/v kernels ``[embed, heads, kv]``, the output
+  kernel ``[heads, kv, embed]``."""
+  zeros = nn.initializers.zeros_init()
+  return nn.MultiHeadDotProductAttention(
+      num_heads=num_heads, dtype=dtype, name=name,
+      kernel_init=logical.named(logical.DEFAULT_KERNEL_INIT, "embed", "heads", "kv"),
+      bias_init=logical.named(zeros, "heads", "kv"),
+      out_kernel_init=logical.named(logical.DEFAULT_KERNEL_INIT, "heads", "kv", "embed"),
+      out_bias_init=logical.named(zeros, "embed"))
+
 
 class MlpBlock(nn.Module):
   mlp_dim: int
@@ -18,9 +32,9 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
+    x = logical.dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
     x = nn.gelu(x)
-    return nn.Dense(d, dtype=self.dtype, name="fc2")(x)
+    return logical.dense(d, ("mlp", "embed"), dtype=self.dtype, name="fc2")(x)
 
 
 class EncoderBlock(nn.Module):
@@ -30,11 +44,10 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    y = nn.LayerNorm(dtype=self.dtype, name="ln1")(x)
-    y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
-                                        name="attn")(y, y, mask=mask)
+    y = logical.layer_norm(dtype=self.dtype, name="ln1")(x)
+    y = attention(self.num_heads, self.dtype, name="attn")(y, y, mask=mask)
     x = x + y
-    y = nn.LayerNorm(dtype=self.dtype, name="ln2")(x)
+    y = logical.layer_norm(dtype=self.dtype, name="ln2")(x)
     return x + MlpBlock(self.mlp_dim, self.dtype, name="mlp")(y)
 
 
@@ -52,7 +65,7 @@ class Encoder(nn.Module):
     block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_dim, self.dtype, name=f"block{i}")(x, mask)
-    return nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
+    return logical.layer_norm(dtype=self.dtype, name="ln_final")(x)
 
 
 class MAPHead(nn.Module):
@@ -66,7 +79,6 @@ class MAPHead(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]), x.dtype)
     probe = jnp.broadcast_to(probe, (x.shape[0], 1, x.shape[-1]))
-    y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
-                                        name="attn")(probe, x)
-    y = y + MlpBlock(self.mlp_dim, self.dtype, name="mlp")(nn.LayerNorm(name="ln")(y))
+    y = attention(self.num_heads, self.dtype, name="attn")(probe, x)
+    y = y + MlpBlock(self.mlp_dim, self.dtype, name="mlp")(logical.layer_norm(name="ln")(y))
     return y[:, 0]

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bigvl.models import logical
 from bigvl.models.text import TextTransformer
 from bigvl.models.vit import ViT
 
@@ -29,8 +30,8 @@ class TwoTower(nn.Module):
   def setup(self):
     self.img = ViT(**self.image, dtype=self.dtype, name="img")
     self.txt = TextTransformer(**self.text, dtype=self.dtype, name="txt")
-    self.img_proj = nn.Dense(self.embed_dim, name="img_proj")
-    self.txt_proj = nn.Dense(self.embed_dim, name="txt_proj")
+    self.img_proj = logical.dense(self.embed_dim, ("embed", "proj"), name="img_proj")
+    self.txt_proj = logical.dense(self.embed_dim, ("embed", "proj"), name="txt_proj")
     self.t_prime = self.param("t_prime", nn.initializers.constant(
         math.log(self.temperature_init)), ())
     self.b = self.param("b", nn.initializers.constant(self.bias_init), ())

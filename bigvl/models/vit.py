@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bigvl.models import logical
 from bigvl.models.transformer import Encoder, MAPHead
 
 
@@ -25,14 +26,18 @@ class ViT(nn.Module):
     """images: [B, H, W, C] -> (pooled [B, width], tokens [B, N, width])."""
     p = self.patch_size
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                kernel_init=logical.named(logical.DEFAULT_KERNEL_INIT, None, None, None,
+                                          "embed"),
+                bias_init=logical.named(nn.initializers.zeros_init(), "embed"),
                 name="embedding")(images.astype(self.dtype))
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
     if self.pool == "tok":
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, d), x.dtype)
+      cls = self.param("cls", logical.named(nn.initializers.zeros, None, None, "embed"),
+                       (1, 1, d), x.dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
-    pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], d),
-                     x.dtype)
+    pos = self.param("pos_embedding", logical.named(nn.initializers.normal(0.02), None, None,
+                                                    "embed"), (1, x.shape[1], d), x.dtype)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.remat, self.dtype,
                 name="encoder")(x + pos)
     if self.pool == "gap":

@@ -30,10 +30,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bigvl.models import logical
+
 Dtype = Any
 
-# FixMatch: normal(stddev = sqrt(2 / (k * k * out_channels))), i.e. He-normal over fan-out.
-conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# FixMatch: normal(stddev = sqrt(2 / (k * k * out_channels))), i.e. He-normal over fan-out;
+# kernels [kh, kw, in, out] with logical axes (bigvl.models.logical).
+conv_init = logical.named(nn.initializers.variance_scaling(2.0, "fan_out", "normal"), None, None,
+                          "conv_in", "conv_out")
 dense_init = nn.initializers.glorot_normal()
 
 
@@ -55,7 +59,7 @@ class WideResNetBlock(nn.Module):
   def __call__(self, x0: jax.Array, train: bool) -> jax.Array:
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, axis_name=None,
                              momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                             dtype=self.dtype)
+                             dtype=self.dtype, **logical.batch_norm_inits())
     conv = functools.partial(nn.Conv, use_bias=False, padding="SAME", kernel_init=conv_init,
                              dtype=self.dtype)
     x = leaky_relu(norm(name="bn1")(x0))
@@ -107,7 +111,8 @@ class WideResNet(nn.Module):
                   activate_before_residual=(g == 0 and i == 0),
                   name=f"group{g}_block{i}")(x, train)
     x = nn.BatchNorm(use_running_average=not train, axis_name=None, momentum=self.bn_momentum,
-                     epsilon=self.bn_epsilon, dtype=self.dtype, name="bn_final")(x)
+                     epsilon=self.bn_epsilon, dtype=self.dtype, name="bn_final",
+                     **logical.batch_norm_inits())(x)
     x = leaky_relu(x)
     return classifier_head(x, self.num_classes, self.dropout_rate, train, self.dtype)
 
@@ -123,7 +128,8 @@ def classifier_head(x: jax.Array, num_classes: int, dropout_rate: float, train: 
   x = jnp.mean(x, axis=(1, 2))
   if dropout_rate:
     x = nn.Dropout(dropout_rate, deterministic=not train)(x)
-  x = nn.Dense(num_classes, kernel_init=dense_init, dtype=dtype, name="head")(x)
+  x = logical.dense(num_classes, ("conv_out", "classes"), kernel_init=dense_init, dtype=dtype,
+                    name="head")(x)
   return x.astype(jnp.float32)
 
 

@@ -1,36 +1,76 @@
-"""What a task is: a recipe as pure functions the one train loop (``bigvl/train.py``) calls.
+"""What a task is: a recipe as pure functions the one train loop (``bigvl/train.py``) calls,
+plus the declared interface evaluators see.
 
 A task module ``bigvl/tasks/<name>.py`` defines ``Task(config, mesh)``, a subclass of
 :class:`Task`. Its constructor reads every config key it uses (``config.input``,
 ``config.model``, ``config.loss``, ...) through the strict :class:`bigvl.config.Reader`, builds
 its data sources and model, and raises ``ConfigError`` on anything bad -- all before compile.
 
-The train loop then calls, under one ``jax.jit`` over the mesh:
+**Training** (the loop calls these under one ``jax.jit`` over the mesh):
 
-* ``init(rng, batch) -> (params, state)``: parameters (optimised) and extra task state
-  (not optimised: an EMA teacher, BN statistics, a frozen reference model, a queue ...).
-* ``loss(params, state, batch, rng, step) -> (scalar, (metrics, new_state))``.
+* ``init(rng, batch) -> (params, state)``: parameters and extra task state (not optimised:
+  an EMA teacher, BN statistics, a frozen reference model, a queue ...). Parameters may carry
+  logical axis names (``nn.with_logical_partitioning``); the loop maps them to mesh axes.
+* ``loss(params, state, batch, rng, step) -> (scalar, (metrics, new_state))``. ``params`` is
+  the whole parameter tree, trainable and frozen parts merged.
 * ``after_step(params, state, step) -> state``: after the optimizer update (EMA, ...).
+* ``trainable(path) -> bool``: which parameters (``'/'``-joined path) are optimised; the
+  loop also freezes ``config.optim.frozen``. Frozen parameters are held in the train state,
+  sharded, and never differentiated: no gradient, no optimizer state.
+* ``pretrained() -> [WeightSource]``: file-backed parts of the state (a frozen teacher, a
+  DPO reference model) that the loop reads after a fresh init -- never on resume, the
+  checkpoint has them -- straight into their shards (``bigvl.checkpoint.read_weights``).
+  ``config.init_from`` adds more (a public LM, a previous run's tower).
 
-and on the host: ``train_data(seed)`` -> an iterator of host-local numpy batches with
-``get_state``/``set_state``; ``num_train_examples`` for durations in epochs;
-``load_frozen(state, shardings) -> state`` after a fresh ``init`` (not on resume: the
-checkpoint has it), to read weights from files straight into their shards (a frozen teacher,
-a DPO reference model): ``init`` leaves placeholders, so a multi-GB model never becomes a
-constant of the init program.
+**On the host**: ``train_data(seed)`` -> an iterator of host-local numpy batches with
+``get_state``/``set_state`` (:class:`TrainData`); ``num_train_examples`` for durations in
+epochs; ``batch_size`` (global) and ``examples_per_step`` (every example one step
+processes, for throughput: a semi-supervised step also reads ``mu * B`` unlabeled images).
+
+**Evaluation** -- evaluators see only :data:`EVAL_CONTRACT` (``train.build`` hands them an
+:class:`EvalView`; anything else is an ``AttributeError``):
+
+* ``predict_fns() -> {name: fn(params, state, batch)}``: named pure prediction functions
+  (jit-able; ``batch`` is a dict of global arrays). An evaluator config names the one it uses.
+* ``eval_transform(kind, **opts) -> fn(example) -> dict``: how an example of an eval split
+  becomes a batch row, for the kinds the task declares in ``eval_kinds`` (e.g.
+  ``'image_label'`` -> ``{'image', 'label'}``; ``'image_text'`` -> ``{'image', 'tokens'}``).
+* ``encode_texts(texts) -> {'tokens': [N, L] int32}``: host-side text encoding (zero-shot
+  prompts), for tasks with a text model.
+* ``dataset``, ``data_dir``: the default eval dataset and where datasets live.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
-from bigvl.config import Reader
-from bigvl.data.pipeline import DataIterator
+from bigvl.config import ConfigError, Reader
 
 Metrics = dict[str, jax.Array]
+#: ``fn(params, state, batch) -> arrays``: a pure prediction function of a task.
+PredictFn = Callable[[Any, Any, Mapping[str, jax.Array]], Any]
+#: ``fn(example) -> batch row``: a host-side eval transform.
+EvalTransform = Callable[[dict], dict]
+
+#: The task attributes an evaluator may use.
+EVAL_CONTRACT = ("dataset", "data_dir", "predict_fns", "eval_kinds", "eval_transform",
+                 "encode_texts")
+
+
+class TrainData(Protocol):
+  """What ``train_data`` returns: an iterator of host-local numpy batches, checkpointable."""
+
+  def __iter__(self) -> Iterator[Any]: ...
+  def __next__(self) -> Any: ...
+  def get_state(self) -> dict: ...
+  def set_state(self, state: dict) -> None: ...
+  @property
+  def num_skipped(self) -> int: ...
 
 
 class Task:
@@ -38,15 +78,26 @@ class Task:
 
   #: metric names the progress line shows after ``loss``.
   progress_keys: tuple[str, ...] = ()
+  #: the eval-data kinds ``eval_transform`` accepts.
+  eval_kinds: tuple[str, ...] = ()
+  dataset: str
+  data_dir: str
+  batch_size: int
 
   def __init__(self, config: Reader, mesh: Mesh):
     self.config, self.mesh = config, mesh
 
+  # --- training ---------------------------------------------------------------------------
   @property
   def num_train_examples(self) -> int:
     raise NotImplementedError
 
-  def train_data(self, seed: int) -> DataIterator:
+  @property
+  def examples_per_step(self) -> int:
+    """Examples one train step processes (throughput); default: the global batch."""
+    return self.batch_size
+
+  def train_data(self, seed: int) -> TrainData:
     raise NotImplementedError
 
   def init(self, rng: jax.Array, batch: Any) -> tuple[Any, Any]:
@@ -59,7 +110,53 @@ class Task:
   def after_step(self, params: Any, state: Any, step: jax.Array) -> Any:
     return state
 
-  def load_frozen(self, state: Any, shardings: Any) -> Any:
-    """Host side, after a fresh init: ``state`` with file-backed arrays filled in, each placed
-    with its entry of ``shardings`` (default: ``state`` as it is)."""
-    return state
+  def trainable(self, path: str) -> bool:
+    """Whether the parameter at ``path`` (e.g. ``'img/encoder/block0/mlp/fc1/kernel'``) is
+    optimised. Default: all (``config.optim.frozen`` freezes more)."""
+    return True
+
+  def pretrained(self) -> Sequence[Any]:
+    """``[bigvl.checkpoint.WeightSource]`` the loop reads after a fresh init."""
+    return ()
+
+  # --- evaluation -------------------------------------------------------------------------
+  def predict_fns(self) -> dict[str, PredictFn]:
+    return {}
+
+  def eval_transform(self, kind: str, **opts: Any) -> EvalTransform:
+    raise ConfigError(f"task {type(self).__module__} has no eval data of kind {kind!r}; it "
+                      f"has: {', '.join(self.eval_kinds) or 'none'}")
+
+  def encode_texts(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    raise ConfigError(f"task {type(self).__module__} does not encode texts")
+
+
+class EvalView:
+  """The task as an evaluator sees it: only :data:`EVAL_CONTRACT`."""
+
+  def __init__(self, task: Task):
+    object.__setattr__(self, "_task", task)
+
+  def __getattr__(self, name: str) -> Any:
+    if name not in EVAL_CONTRACT:
+      raise AttributeError(
+          f"evaluators may use only the declared task interface {EVAL_CONTRACT} "
+          f"(bigvl/tasks/base.py); {name!r} is not part of it")
+    return getattr(self._task, name)
+
+  def __setattr__(self, name: str, value: Any) -> None:
+    raise TypeError("an evaluator cannot change the task")
+
+  def predict_fn(self, name: str, where: str) -> PredictFn:
+    """The prediction function ``name``, or a ConfigError naming ``where`` and the choices."""
+    fns = self._task.predict_fns()
+    if name not in fns:
+      raise ConfigError(f"{where}={name!r}: task {type(self._task).__module__} has prediction "
+                        f"functions {', '.join(fns) or 'none'}")
+    return fns[name]
+
+  def require_kind(self, kind: str, where: str) -> None:
+    if kind not in self._task.eval_kinds:
+      raise ConfigError(f"{where}: needs eval data {kind!r}, which task "
+                        f"{type(self._task).__module__} does not provide (it has: "
+                        f"{', '.join(self._task.eval_kinds) or 'none'})")

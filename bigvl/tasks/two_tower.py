@@ -29,7 +29,6 @@ max_per_image, normalize}`` (see ``docs/fff.md``).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -38,7 +37,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from bigvl import parallel, registry
+from bigvl import checkpoint, parallel, registry
 from bigvl.config import ConfigError, Reader, check_choice, positive_int
 from bigvl.data import image_text, pipeline, sources
 from bigvl.losses import contrastive, mining
@@ -70,21 +69,6 @@ def _threshold(r: Reader, name: str, default: float) -> float | None:
     raise ConfigError(f"{r.path}.{name} is a cosine threshold in [-1, 1] (> 1 or None: off), "
                       f"got {value!r}")
   return None if value > 1.0 else float(value)
-
-
-def checkpoint_step_dir(path: str) -> str:
-  """The newest step directory of a bigvl checkpoint: ``path`` may be a workdir, its
-  ``checkpoints`` directory or one step directory (holding ``state``)."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if os.path.isdir(os.path.join(path, "state")):
-    return path
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
-  if not steps:
-    raise ConfigError(f"config.loss.mining.teacher_ckpt={path!r} holds no bigvl checkpoint "
-                      f"(a workdir, its checkpoints/ directory or a step directory)")
-  return os.path.join(path, str(steps[-1]))
 
 
 class Task(base.Task):
@@ -156,52 +140,16 @@ class Task(base.Task):
       if not teacher:
         raise ConfigError("config.loss.mining.source='teacher' needs loss.mining.teacher_ckpt "
                           "(the workdir of a previous two-tower run)")
-      self.teacher_dir = checkpoint_step_dir(teacher)
-      self._check_teacher()
+      self.teacher_dir = checkpoint.step_dir(teacher, "config.loss.mining.teacher_ckpt")
 
   # --- the frozen teacher ----------------------------------------------------------------
-  def _abstract_params(self) -> Any:
-    ex = self.transform(self.source[0], np.random.default_rng(0))
-    image = jax.ShapeDtypeStruct((1,) + ex["image"].shape, jnp.float32)
-    tokens = jax.ShapeDtypeStruct((1, ex["tokens"].shape[-1]), jnp.int32)
-    return jax.eval_shape(self.model.init, jax.random.PRNGKey(0), image, tokens)["params"]
-
-  def _check_teacher(self) -> None:
-    """The teacher checkpoint's params have this run's model shapes (before compiling)."""
-    import orbax.checkpoint as ocp
-
-    try:
-      meta = ocp.PyTreeCheckpointer().metadata(os.path.join(self.teacher_dir, "state"))
-      meta = getattr(meta, "item_metadata", meta)
-      meta = getattr(meta, "tree", meta)["params"]
-    except Exception as e:  # noqa: BLE001 -- unreadable or not a bigvl state
-      raise ConfigError(f"config.loss.mining.teacher_ckpt: cannot read the params of "
-                        f"{self.teacher_dir}: {type(e).__name__}: {str(e)[:200]}") from None
-    want = jax.tree_util.tree_leaves_with_path(self._abstract_params())
-    got = {parallel.path_str(p): tuple(x.shape)
-           for p, x in jax.tree_util.tree_leaves_with_path(meta)}
-    for path, leaf in want:
-      name = parallel.path_str(path)
-      if got.get(name) != tuple(leaf.shape):
-        raise ConfigError(f"config.loss.mining.teacher_ckpt {self.teacher_dir}: parameter "
-                          f"{name} is {got.get(name)} there but {tuple(leaf.shape)} in this "
-                          f"model (the teacher must have the same config.model)")
-
-  def load_frozen(self, state: Any, shardings: Any) -> Any:
-    """Reads the teacher's params from its checkpoint into ``state['teacher']``, each array
-    straight into its shards (orbax partial restore: the optimizer state is not read)."""
+  def pretrained(self) -> list[checkpoint.WeightSource]:
+    """The teacher's params (trainable and frozen alike) from its checkpoint into
+    ``state['teacher']``, each array straight into its shards; nothing else is read."""
     if self.mining != "teacher":
-      return state
-    import orbax.checkpoint as ocp
-
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state["teacher"])
-    restore = jax.tree.map(
-        lambda x, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=x.shape, dtype=x.dtype),
-        abstract, shardings["teacher"])
-    args = ocp.args.PyTreeRestore(item={"params": abstract}, restore_args={"params": restore},
-                                  partial_restore=True)
-    out = ocp.PyTreeCheckpointer().restore(os.path.join(self.teacher_dir, "state"), args=args)
-    return {**state, "teacher": out["params"]}
+      return []
+    return [checkpoint.WeightSource(path=self.teacher_dir, dst="extra/teacher", src="params",
+                                    what="config.loss.mining.teacher_ckpt")]
 
   # --- host side -------------------------------------------------------------------------
   @property
@@ -218,17 +166,34 @@ class Task(base.Task):
     params = self.model.init(rng, batch["image"], tokens)["params"]
     state = {}
     if self.mining == "teacher":
-      # A placeholder with the params' shapes, sharded by the same partition rules;
-      # ``load_frozen`` fills it from the checkpoint. It is checkpointed with the run, so a
+      # A placeholder with the params' shapes and logical axes (sharded like them); the loop
+      # fills it from the checkpoint (``pretrained``). It is checkpointed with the run, so a
       # resumed run does not re-read the teacher.
       state["teacher"] = jax.tree.map(jnp.zeros_like, params)
     return params, state
 
-  def embed_images(self, params: Any, images: jax.Array) -> jax.Array:
-    return self.model.apply({"params": params}, images, method="embed_images")
+  # --- evaluation (the declared interface, bigvl/tasks/base.py) ----------------------------
+  eval_kinds = ("image_text",)
 
-  def embed_texts(self, params: Any, tokens: jax.Array) -> jax.Array:
-    return self.model.apply({"params": params}, tokens, method="embed_texts")
+  def predict_fns(self) -> dict[str, base.PredictFn]:
+    """``embed_images``: ``batch['image'] -> [B, E]``; ``embed_texts``: ``batch['tokens']
+    [B, L] -> [B, E]`` (L2-normalised)."""
+    def embed_images(params, state, batch):
+      return self.model.apply({"params": params}, batch["image"], method="embed_images")
+
+    def embed_texts(params, state, batch):
+      return self.model.apply({"params": params}, batch["tokens"], method="embed_texts")
+
+    return {"embed_images": embed_images, "embed_texts": embed_texts}
+
+  def eval_transform(self, kind: str, num_captions: int = 1, **opts: Any) -> base.EvalTransform:
+    """``'image_text'``: ``{'image', 'tokens': [num_captions, L], 'label'?}``."""
+    if kind != "image_text" or opts:
+      return super().eval_transform(kind, **opts)
+    return lambda ex: self.transform.eval(ex, num_captions)
+
+  def encode_texts(self, texts) -> dict[str, np.ndarray]:
+    return {"tokens": self.tokenizer.encode(list(texts), self.max_len)}
 
   def _mine(self, state, images, tokens, zimg, ztxt, owners) -> mining.MiningResult:
     if self.mining == "teacher":

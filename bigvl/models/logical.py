@@ -1,0 +1,46 @@
+"""Logical axis names on parameters (the MaxText way): a model says what each dimension *is*
+(``embed``, ``mlp``, ``heads``, ``kv``, ``vocab``, ``conv_out``, ``norm``, ``layers`` ...)
+and ``config.logical_axis_rules`` (``bigvl.parallel.DEFAULT_LOGICAL_RULES``) says which mesh
+axes shard it. Stacked layers (``nn.scan`` with ``metadata_params={nn.PARTITION_NAME:
+'layers'}``) get their extra leading axis named too, so ``[L, in, out]`` is never read as
+``[in, out]``.
+
+These wrap flax's default initialisers without changing them: the same rng gives the same
+values as the unannotated layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+
+Initializer = Callable[..., Any]
+DEFAULT_KERNEL_INIT = nn.linear.default_kernel_init
+
+
+def named(init: Initializer, *names: str | None) -> Initializer:
+  """``init`` whose parameter carries the logical ``names`` (one per dimension)."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def dense(features: int, names: tuple[str | None, str | None], *, name: str, dtype: Any = None,
+          kernel_init: Initializer = DEFAULT_KERNEL_INIT, use_bias: bool = True) -> nn.Dense:
+  """``nn.Dense`` whose ``[in, out]`` kernel is named ``names`` and bias ``names[1:]``."""
+  return nn.Dense(features, dtype=dtype, use_bias=use_bias, name=name,
+                  kernel_init=named(kernel_init, *names),
+                  bias_init=named(nn.initializers.zeros_init(), names[1]))
+
+
+def layer_norm(*, name: str, dtype: Any = None) -> nn.LayerNorm:
+  """``nn.LayerNorm`` with ``norm``-named scale and bias."""
+  return nn.LayerNorm(dtype=dtype, name=name,
+                      scale_init=named(nn.initializers.ones_init(), "norm"),
+                      bias_init=named(nn.initializers.zeros_init(), "norm"))
+
+
+def batch_norm_inits() -> dict[str, Initializer]:
+  """``scale_init`` / ``bias_init`` keyword arguments of ``nn.BatchNorm`` (``norm``-named)."""
+  return {"scale_init": named(nn.initializers.ones_init(), "norm"),
+          "bias_init": named(nn.initializers.zeros_init(), "norm")}
