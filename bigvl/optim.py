@@ -1,11 +1,15 @@
 """The optimizer from ``config.optim`` and ``config.schedule``, as one optax chain.
 
-* ``optim.name``: ``adamw`` | ``adam`` | ``sgd`` (momentum, nesterov) | ``lion``.
+* ``optim.name``: ``adamw`` | ``adam`` (``b1`` 0.9, ``b2`` 0.999, ``eps`` 1e-8) | ``lion``
+  (``b1`` 0.9, ``b2`` 0.99) | ``sgd`` (``momentum`` 0.9, ``nesterov`` True). A key of
+  ``config.optim`` that the chosen optimizer does not use is a ConfigError
+  (:data:`OPTIMIZER_KNOBS`; every optimizer uses :data:`COMMON_KNOBS`).
 * ``optim.lr``: peak learning rate; ``schedule``: linear warm-up over ``warmup_steps`` (or
   ``warmup_frac`` of the run) then ``decay`` = ``cosine`` | ``linear`` | ``constant`` |
   ``rsqrt``, down to ``lr * end_frac``.
-* ``optim.wd``: decoupled weight decay, applied to parameters whose path matches
-  ``optim.wd_mask`` (default: kernels/embeddings with ndim >= 2).
+* ``optim.wd``: weight decay, applied to parameters whose path matches ``optim.wd_mask``
+  (default: kernels/embeddings with ndim >= 2): decoupled (added to the update, then scaled
+  by the lr) for adamw, lion and sgd; an L2 term of the gradient for adam.
 * ``optim.frozen``: regexes of parameters that are not trained. The loop reads it
   (:func:`frozen_predicate`) and splits them off before differentiating: they get no
   gradient and no optimizer state (``bigvl.train``).
@@ -52,45 +56,81 @@ def _path_mask(params: Any, pred) -> Any:
   return jax.tree_util.tree_map_with_path(lambda p, x: pred(path_str(p), x), params)
 
 
+#: ``config.optim`` keys every optimizer reads (``frozen`` is read by the loop).
+COMMON_KNOBS = ("name", "lr", "wd", "clip_norm", "wd_mask", "lr_mults", "frozen")
+#: The keys each optimizer reads besides :data:`COMMON_KNOBS`; any other key is an error.
+OPTIMIZER_KNOBS = {
+    "adamw": ("b1", "b2", "eps"),
+    "adam": ("b1", "b2", "eps"),
+    "lion": ("b1", "b2"),
+    "sgd": ("momentum", "nesterov"),
+}
+
+
 def _regexes(items: Any, what: str) -> list[re.Pattern]:
-  try:
-    return [re.compile(rx) for rx in items or ()]
-  except (re.error, TypeError) as e:
-    raise ConfigError(f"config.optim.{what}: bad regex: {e}") from None
+  out = []
+  for rx in items or ():
+    try:
+      out.append(re.compile(rx))
+    except (re.error, TypeError) as e:
+      raise ConfigError(f"config.optim.{what}: bad regex {rx!r}: {e}") from None
+  return out
+
+
+def _lr_mults(items: Any) -> list[tuple[re.Pattern, float]]:
+  pairs = []
+  for item in items or ():
+    if (not isinstance(item, (tuple, list)) or len(item) != 2 or isinstance(item[1], bool)
+        or not isinstance(item[1], (int, float))):
+      raise ConfigError(f"config.optim.lr_mults: {item!r} is not a (regex, multiplier) pair")
+    pairs.append((_regexes([item[0]], "lr_mults")[0], float(item[1])))
+  return pairs
+
+
+def _check_knobs(cfg: Reader, name: str) -> None:
+  """A key of ``config.optim`` that optimizer ``name`` does not use is a ConfigError."""
+  used = COMMON_KNOBS + OPTIMIZER_KNOBS[name]
+  for key in cfg.keys():
+    if key not in cfg:  # None is unset
+      cfg.mark_read(key)
+    elif key not in used:
+      raise ConfigError(f"config.optim.{key} is not used by optim.name={name!r}; its knobs: "
+                        f"{', '.join(used)}")
+
+
+def _scale_by(name: str, cfg: Reader) -> optax.GradientTransformation:
+  """The optimizer's own update direction (before weight decay and the learning rate)."""
+  num = lambda key, default: float(cfg.typed(key, (float, int), default))
+  if name in ("adamw", "adam"):
+    return optax.scale_by_adam(b1=num("b1", 0.9), b2=num("b2", 0.999), eps=num("eps", 1e-8))
+  if name == "lion":
+    return optax.scale_by_lion(b1=num("b1", 0.9), b2=num("b2", 0.99))
+  return optax.trace(decay=num("momentum", 0.9), nesterov=cfg.typed("nesterov", bool, True))
 
 
 def make_optimizer(cfg: Reader, sched_cfg: Reader | None, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns ``(tx, lr_schedule)``; ``tx.update(grads, state, params)`` as usual."""
-  name = check_choice("config.optim.name", cfg.get("name", "adamw"),
-                      ("adamw", "adam", "sgd", "lion"))
+  name = check_choice("config.optim.name", cfg.get("name", "adamw"), tuple(OPTIMIZER_KNOBS))
+  _check_knobs(cfg, name)
   lr = cfg.typed("lr", (float, int))
   sched = schedule(float(lr), total_steps, sched_cfg)
   wd = float(cfg.typed("wd", (float, int), 0.0))
   clip = float(cfg.typed("clip_norm", (float, int), 0.0))
   wd_rx = _regexes(cfg.get("wd_mask", None), "wd_mask")
-  mults = [(re.compile(rx), float(m)) for rx, m in (cfg.get("lr_mults", ()) or ())]
-  b1 = float(cfg.typed("b1", (float, int), 0.9))
-  b2 = float(cfg.typed("b2", (float, int), 0.999))
-  momentum = float(cfg.typed("momentum", (float, int), 0.9))
-  nesterov = bool(cfg.typed("nesterov", bool, True))
+  mults = _lr_mults(cfg.get("lr_mults", ()))
 
   def decay_mask(params):
     if wd_rx:
       return _path_mask(params, lambda p, x: any(r.search(p) for r in wd_rx))
     return jax.tree.map(lambda x: x.ndim >= 2, params)
 
-  parts = []
-  if clip > 0:
-    parts.append(optax.clip_by_global_norm(clip))
-  if name in ("adamw", "adam"):
-    parts.append(optax.scale_by_adam(b1=b1, b2=b2))
-  elif name == "lion":
-    parts.append(optax.scale_by_lion(b1=b1, b2=b2))
-  else:
-    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
-  if wd > 0 and name != "adam":
-    parts.append(optax.add_decayed_weights(wd, mask=decay_mask))
+  decay = [optax.add_decayed_weights(wd, mask=decay_mask)] if wd > 0 else []
+  parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
+  if name == "adam":  # L2: wd * param joins the gradient before Adam's scaling
+    parts += decay + [_scale_by(name, cfg)]
+  else:  # decoupled: wd * param joins the update after it
+    parts += [_scale_by(name, cfg)] + decay
   if mults:
     def mult_tree(params):
       def one(p, x):

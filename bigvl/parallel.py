@@ -187,6 +187,7 @@ def state_shardings(state: Any, names: dict[str, tuple], rules: Sequence, mesh: 
   (``fsdp * tensor > 1``) parameters without logical names, and any leaf of at least
   :data:`LARGE_REPLICATED` values that ends up replicated, are reported with their size.
   """
+  rules = check_logical_rules(rules)
   by_rel: dict[str, tuple] = {}
   for path, n in names.items():
     head, _, rel = path.partition("/")

@@ -123,12 +123,9 @@ def read_init_from(r: Reader | None) -> list[checkpoint.WeightSource]:
     dst = c.typed("dst", str, "params")
     if parallel.parts_head(dst) not in ("params", "extra"):
       raise ConfigError(f"{c.path}.dst={dst!r} must start with 'params' or 'extra'")
-    src = checkpoint.WeightSource(path=path, dst=dst, src=c.typed("src", str, None), what=what)
-    if not src.is_safetensors:
-      checkpoint.step_dir(path, what)  # exists and holds a checkpoint, before compiling
-    elif not os.path.isfile(os.path.expanduser(path)):
-      raise ConfigError(f"{what}: no such file {path!r}")
-    out.append(src)
+    # Read (and checked) only when a run starts fresh: a resumed run never needs the files.
+    out.append(checkpoint.WeightSource(path=os.path.expanduser(path), dst=dst,
+                                       src=c.typed("src", str, None), what=what))
   return out
 
 
@@ -254,16 +251,12 @@ def compile_run(run: Run, example_batch: Any) -> Compiled:
   shapes = jax.eval_shape(init_fn, example_batch)
   shardings = parallel.state_shardings(shapes, names, run.rules, run.mesh)
   abstract = checkpoint.abstract_with_shardings(shapes, shardings)
-  targets = [_weight_targets(src, abstract) for src in run.weights]
-  for src, t in zip(run.weights, targets, strict=True):
-    checkpoint.check_weights(src, t)  # every target is there with its shape, before compiling
   jit_init = jax.jit(init_fn, out_shardings=shardings)
 
   def init(batch):
-    state = jit_init(batch)
-    for src, t in zip(run.weights, targets, strict=True):
-      state = _put_weights(state, src.dst, checkpoint.read_weights(src, t))
-    return state
+    for src in run.weights:  # every file and target shape is right, before compiling
+      checkpoint.check_weights(src, _weight_targets(src, abstract))
+    return load_pretrained(jit_init(batch), run.weights)
 
   batch_sh = jax.tree.map(lambda _: parallel.batch_sharding(run.mesh), example_batch)
   step = jax.jit(make_train_step(run.task, run.tx, run.schedule, run.microbatches),
@@ -294,6 +287,16 @@ def _weight_targets(src: checkpoint.WeightSource, abstract: Any) -> dict[str, An
   if not out:
     raise ConfigError(f"{src.what}: dst={src.dst!r} names no part of this run's state")
   return out
+
+
+def load_pretrained(state: dict, sources: list[checkpoint.WeightSource]) -> dict:
+  """``state`` (``{params, frozen?, extra, ...}`` of placed arrays) with the leaves each
+  source names read from its file into the same shardings (host side, after a fresh init)."""
+  for src in sources:
+    targets = _weight_targets(src, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+    state = _put_weights(state, src.dst, checkpoint.read_weights(src, targets))
+  return state
 
 
 def _put_weights(state: Any, dst: str, arrays: dict[str, jax.Array]) -> Any:
@@ -358,7 +361,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
     if jax.process_index() == 0:
       print(f"bigvl: resumed from step {step} ({ckpt.directory})", flush=True)
   train_step = fns.step.lower(state, example).compile()
-  writer = metrics.MetricWriter(workdir, run.total_steps, task.batch_size,
+  writer = metrics.MetricWriter(workdir, run.total_steps, task.examples_per_step,
                                 step_flops=metrics.compiled_flops(train_step))
   if restored is not None:
     metrics.truncate_jsonl(writer.jsonl_path, step)
@@ -369,7 +372,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
           f"mesh={dict(mesh.shape)} devices={jax.device_count()} steps={run.total_steps} "
           f"batch={task.batch_size} workdir={workdir}", flush=True)
 
-  kill_at = int(os.environ.get("BIGVL_TEST_KILL_AT_STEP", "0"))  # fault injection in tests
   preempt = _Preemption()
   last_eval: dict[str, float] = {}
   skipped_logged = int(jax.device_get(state["skipped"]))
@@ -379,7 +381,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
       with jax.transfer_guard("disallow"):  # no hidden host<->device copies in the step
         state, aux = train_step(state, batch)
       step += 1
-      if writer._t0 is None:
+      if not writer.started:
         jax.block_until_ready(aux["loss"])
         writer.start(step)
       if step % run.log_every == 0 or step == run.total_steps:
@@ -408,9 +410,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
             shown = ", ".join(f"{k} {v:.4f}" for k, v in res.items())
             print(f"bigvl: eval at step {step} ({time.perf_counter() - t0:.1f}s): {shown}",
                   flush=True)
-      if step == kill_at:  # a hard kill, after the last checkpoint has landed on disk
-        ckpt.wait()
-        os._exit(17)
       if step % run.ckpt_every == 0 or step == run.total_steps or preempt.requested:
         ckpt.save(step, state, data.get_state())
       if preempt.requested:

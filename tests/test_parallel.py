@@ -1,12 +1,15 @@
-"""The sharded train step equals the single-device step, and parameters are sharded as the
-partition rules say."""
+"""The sharded train step equals the single-device step, and parameters are sharded as their
+logical axis names and ``config.logical_axis_rules`` say."""
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
 from bigvl import parallel, train
+from bigvl.models import logical
 from bigvl.config import ConfigError
 from tests.helpers import tiny_config
 
@@ -25,7 +28,7 @@ def _one_step(config, devices):
 
 # SGD: Adam's first update is ~ lr * sign(g), which turns float-rounding noise in near-zero
 # gradients into lr-sized differences; SGD keeps the comparison about the sharded math.
-SGD = {"optim.name": "sgd", "optim.lr": 0.5, "schedule.warmup_steps": 0}
+SGD = {"optim.name": "sgd", "optim.lr": 0.5, "optim.b2": None, "schedule.warmup_steps": 0}
 
 
 def test_sharded_step_equals_single_device(shapes_data_dir):
@@ -58,11 +61,83 @@ def test_sharded_step_equals_single_device(shapes_data_dir):
 
 def test_indivisible_dim_is_replicated_with_warning(caplog):
   mesh = parallel.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
-  tree = {"w": jax.ShapeDtypeStruct((6, 16), np.float32)}
+  tree = {"params": {"w": jax.ShapeDtypeStruct((6, 16), np.float32)}}
   with caplog.at_level("WARNING"):
-    sh = parallel.tree_shardings(tree, [("w", ("fsdp", None))], mesh)
-  assert sh["w"].spec == PartitionSpec(None, None)
-  assert "not divisible" in caplog.text and "w" in caplog.text
+    sh = parallel.state_shardings(tree, {"params/w": ("embed", "kv")},
+                                  parallel.DEFAULT_LOGICAL_RULES, mesh)
+  assert sh["params"]["w"].spec == PartitionSpec(None, None)
+  assert "not divisible" in caplog.text and "params/w" in caplog.text
+
+
+class _Scanned(nn.Module):
+  """Four MLP layers stacked by ``nn.scan``: kernels are ``[L, in, out]``."""
+
+  @nn.compact
+  def __call__(self, x):
+    class Layer(nn.Module):
+      @nn.compact
+      def __call__(self, x, _):
+        return logical.dense(x.shape[-1], ("embed", "mlp"), name="fc")(x), None
+
+    stack = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=4,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    return stack(name="layers")(x, None)[0]
+
+
+def test_scanned_layers_are_sharded_by_name_not_position():
+  """A positional rule would shard ``[L, in, out]``'s L as if it were ``in``; logical names
+  put fsdp on ``in`` and tensor on ``out`` whatever the stacking."""
+  boxed = jax.eval_shape(_Scanned().init, jax.random.PRNGKey(0), jnp.ones((2, 8)))
+  names = parallel.logical_names({"params": boxed["params"]})
+  assert names["params/layers/fc/kernel"] == ("layers", "embed", "mlp")
+  mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  sh = parallel.state_shardings(parallel.unbox({"params": boxed["params"]}), names,
+                                parallel.DEFAULT_LOGICAL_RULES, mesh)
+  assert sh["params"]["layers"]["fc"]["kernel"].spec == PartitionSpec(None, "fsdp", "tensor")
+  # Changing the parallelism is changing the table, not the model.
+  rules = (("layers", "fsdp"), ("embed", "tensor"))
+  sh = parallel.state_shardings(parallel.unbox({"params": boxed["params"]}), names, rules, mesh)
+  assert sh["params"]["layers"]["fc"]["kernel"].spec == PartitionSpec("fsdp", "tensor", None)
+
+
+def test_optimizer_state_inherits_its_parameter_sharding():
+  mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  w = jax.ShapeDtypeStruct((8, 4), np.float32)
+  tree = {"params": {"a": {"w": w}}, "opt_state": ({"mu": {"a": {"w": w}}}, {"count": w}),
+          "extra": {"teacher": {"a": {"w": w}}}}
+  sh = parallel.state_shardings(tree, {"params/a/w": ("embed", "mlp")},
+                                parallel.DEFAULT_LOGICAL_RULES, mesh)
+  assert sh["opt_state"][0]["mu"]["a"]["w"].spec == PartitionSpec("fsdp", "tensor")
+  assert sh["extra"]["teacher"]["a"]["w"].spec == PartitionSpec("fsdp", "tensor")
+  assert sh["opt_state"][1]["count"].spec == PartitionSpec()  # no parameter path: replicated
+
+
+def test_unnamed_and_large_replicated_parameters_are_reported(caplog):
+  mesh = parallel.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  big = jax.ShapeDtypeStruct((2048, 1024), np.float32)  # 2M values
+  tree = {"params": {"named": big, "plain": jax.ShapeDtypeStruct((4, 4), np.float32),
+                     "bad_axes": big}}
+  with caplog.at_level("WARNING"):
+    parallel.state_shardings(tree, {"params/named": ("embed", "mlp"),
+                                    "params/bad_axes": ("kv", "norm")},
+                             parallel.DEFAULT_LOGICAL_RULES, mesh)
+  assert "1 parameter(s) (16 values) have no logical axis names" in caplog.text
+  assert "params/plain" in caplog.text
+  assert "params/bad_axes (2,097,152 values) is replicated" in caplog.text
+  assert "params/named" not in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):  # pure data parallelism replicates on purpose: no noise
+    parallel.state_shardings(tree, {}, (), parallel.make_mesh({"data": 8}))
+  assert caplog.text == ""
+
+
+def test_bad_logical_rules_are_config_errors():
+  with pytest.raises(ConfigError, match="unknown mesh axis 'model'"):
+    parallel.check_logical_rules((("embed", "model"),))
+  with pytest.raises(ConfigError, match="pairs"):
+    parallel.check_logical_rules(("embed",))
+  assert parallel.check_logical_rules(None) == parallel.check_logical_rules(
+      parallel.DEFAULT_LOGICAL_RULES)
 
 
 def test_mesh_shape_fill_and_errors():

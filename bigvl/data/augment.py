@@ -38,7 +38,9 @@ posterize     keep 4..8 bits
 ============  ==============================================================
 
 Geometric ops (PIL affine warps) use nearest-neighbour sampling and fill the uncovered area with
-0 (black), PIL's defaults, as in the reference implementations. The other ops are numpy (LUTs and
+0 (black), PIL's defaults, as in the reference implementations. ``AFFINE`` gives their random
+matrices, so ``rand_augment_aligned`` can warp label masks exactly like the image (the
+segmentation-aware path ``bigvl.data.transforms`` uses). The other ops are numpy (LUTs and
 blends matching PIL's ``ImageOps`` / ``ImageEnhance`` formulas), which is faster than a PIL round
 trip on these tiny images.
 """
@@ -88,15 +90,21 @@ def translate_reflect(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
   return image[_reflect_index(h, dy)[:, None], _reflect_index(w, dx)[None, :]]
 
 
+def random_shift(height: int, width: int, rng: np.random.Generator,
+                 max_fraction: float = 0.125) -> tuple[int, int]:
+  """``(dy, dx)``: uniform integers in ``[-p, p]`` per axis, ``p = round(max_fraction * size)``
+  (two draws, y first)."""
+  ph, pw = int(round(max_fraction * height)), int(round(max_fraction * width))
+  return int(rng.integers(-ph, ph + 1)), int(rng.integers(-pw, pw + 1))
+
+
 def random_translate(image: np.ndarray, rng: np.random.Generator,
                      max_fraction: float = 0.125) -> np.ndarray:
-  """Uniform integer shift in ``[-p, p]`` per axis, ``p = round(max_fraction * size)``."""
-  h, w = image.shape[:2]
-  ph, pw = int(round(max_fraction * h)), int(round(max_fraction * w))
-  dy, dx = rng.integers(-ph, ph + 1), rng.integers(-pw, pw + 1)
+  """``translate_reflect`` by a ``random_shift``."""
+  dy, dx = random_shift(*image.shape[:2], rng, max_fraction)
   if dy == 0 and dx == 0:
     return image.copy()
-  return translate_reflect(image, int(dy), int(dx))
+  return translate_reflect(image, dy, dx)
 
 
 def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -117,7 +125,7 @@ def weak_augment(image: np.ndarray, rng: np.random.Generator, *, flip: bool = Tr
   Returns:
     uint8 [H, W, C], a new array.
   """
-  _check(image)
+  check_image(image)
   if flip:
     image = random_flip(image, rng)
   return random_translate(image, rng, max_translate)
@@ -160,6 +168,20 @@ def _affine(image: np.ndarray, matrix: Sequence[float]) -> np.ndarray:
   out = img.transform(img.size, Image.Transform.AFFINE, tuple(matrix), resample=RESAMPLE,
                       fillcolor=fill)
   return _from_pil(out, image.shape[-1])
+
+
+def warp_mask(mask: np.ndarray, matrix: Sequence[float], fill: int) -> np.ndarray:
+  """The ``_affine`` warp of a label map (``[H, W]`` or ``[H, W, 1]``, integer): the same
+  nearest-neighbour sampling as the image (so labels stay on their pixels), ``fill`` where the
+  warp leaves the image."""
+  mask = np.asarray(mask)
+  if mask.ndim not in (2, 3) or (mask.ndim == 3 and mask.shape[-1] != 1):
+    raise ValueError(f"expected a label map [H, W] or [H, W, 1], got {mask.shape}")
+  plane = mask.reshape(mask.shape[:2]).astype(np.int32)  # PIL mode 'I'
+  img = Image.fromarray(plane)
+  out = img.transform(img.size, Image.Transform.AFFINE, tuple(matrix), resample=RESAMPLE,
+                      fillcolor=int(fill))
+  return np.asarray(out).astype(mask.dtype).reshape(mask.shape)
 
 
 def identity(image: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
@@ -206,13 +228,20 @@ def equalize(image: np.ndarray, level: float, rng: np.random.Generator) -> np.nd
   return _apply_luts(image, luts)
 
 
-def rotate(image: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+# Geometric ops are a random inverse-affine matrix (``level, rng, height, width -> matrix``)
+# and ``_affine``; the matrix alone lets a mask follow the image (``rand_augment_aligned``).
+
+
+def _rotate_matrix(level: float, rng: np.random.Generator, h: int, w: int) -> tuple:
   angle = math.radians(_signed(30.0 * level, rng))
-  h, w = image.shape[:2]
   cx, cy = w / 2.0, h / 2.0
   cos, sin = math.cos(angle), math.sin(angle)
   # Inverse map about the centre: input = R(-angle) (output - c) + c.
-  return _affine(image, (cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy))
+  return (cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy)
+
+
+def rotate(image: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+  return _affine(image, _rotate_matrix(level, rng, *image.shape[:2]))
 
 
 def solarize(image: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
@@ -257,26 +286,38 @@ def sharpness(image: np.ndarray, level: float, rng: np.random.Generator) -> np.n
   return _blend(smooth, image, _factor(level))
 
 
-def shear_x(image: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+def _shear_x_matrix(level: float, rng: np.random.Generator, h: int, w: int) -> tuple:
   s = _signed(0.3 * level, rng)
-  cy = image.shape[0] / 2.0
-  return _affine(image, (1.0, s, -s * cy, 0.0, 1.0, 0.0))
+  return (1.0, s, -s * (h / 2.0), 0.0, 1.0, 0.0)
+
+
+def _shear_y_matrix(level: float, rng: np.random.Generator, h: int, w: int) -> tuple:
+  s = _signed(0.3 * level, rng)
+  return (1.0, 0.0, 0.0, s, 1.0, -s * (w / 2.0))
+
+
+def _translate_x_matrix(level: float, rng: np.random.Generator, h: int, w: int) -> tuple:
+  return (1.0, 0.0, _signed(0.3 * level, rng) * w, 0.0, 1.0, 0.0)
+
+
+def _translate_y_matrix(level: float, rng: np.random.Generator, h: int, w: int) -> tuple:
+  return (1.0, 0.0, 0.0, 0.0, 1.0, _signed(0.3 * level, rng) * h)
+
+
+def shear_x(image: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
+  return _affine(image, _shear_x_matrix(level, rng, *image.shape[:2]))
 
 
 def shear_y(image: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
-  s = _signed(0.3 * level, rng)
-  cx = image.shape[1] / 2.0
-  return _affine(image, (1.0, 0.0, 0.0, s, 1.0, -s * cx))
+  return _affine(image, _shear_y_matrix(level, rng, *image.shape[:2]))
 
 
 def translate_x(image: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
-  t = _signed(0.3 * level, rng) * image.shape[1]
-  return _affine(image, (1.0, 0.0, t, 0.0, 1.0, 0.0))
+  return _affine(image, _translate_x_matrix(level, rng, *image.shape[:2]))
 
 
 def translate_y(image: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
-  t = _signed(0.3 * level, rng) * image.shape[0]
-  return _affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, t))
+  return _affine(image, _translate_y_matrix(level, rng, *image.shape[:2]))
 
 
 def posterize(image: np.ndarray, level: float, rng: np.random.Generator) -> np.ndarray:
@@ -303,6 +344,15 @@ OPS: dict[str, Op] = {
     "posterize": posterize,
 }
 
+#: The geometric ``OPS`` as matrix makers ``(level, rng, height, width) -> inverse affine``.
+AFFINE: dict[str, Callable[[float, np.random.Generator, int, int], tuple]] = {
+    "rotate": _rotate_matrix,
+    "shear_x": _shear_x_matrix,
+    "shear_y": _shear_y_matrix,
+    "translate_x": _translate_x_matrix,
+    "translate_y": _translate_y_matrix,
+}
+
 
 def cutout(image: np.ndarray, rng: np.random.Generator, size: int,
            fill: int = CUTOUT_GRAY) -> np.ndarray:
@@ -321,15 +371,39 @@ def cutout(image: np.ndarray, rng: np.random.Generator, size: int,
   return out
 
 
+def random_cutout(image: np.ndarray, rng: np.random.Generator, max_fraction: float = 0.5,
+                  fill: int = CUTOUT_GRAY) -> np.ndarray:
+  """``cutout`` of side ``round(U(0, max_fraction) * min(H, W))`` (one draw, then cutout's)."""
+  size = int(round(rng.uniform(0.0, max_fraction) * min(image.shape[:2])))
+  return cutout(image, rng, size, fill=fill)
+
+
+def rand_augment_aligned(image: np.ndarray, masks: Sequence[np.ndarray],
+                         rng: np.random.Generator, num_ops: int = 2,
+                         ops: Sequence[str] = tuple(OPS), mask_fill: int = 255
+                         ) -> tuple[np.ndarray, list[np.ndarray]]:
+  """``rand_augment`` of ``image`` that moves label ``masks`` with it: a geometric op
+  (``AFFINE``) warps every mask with the image's matrix (``warp_mask``, ``mask_fill`` outside);
+  photometric ops leave the masks alone. The image and the draws equal ``rand_augment``'s."""
+  check_image(image)
+  out, masks = image, list(masks)
+  h, w = image.shape[:2]
+  for k in rng.integers(0, len(ops), size=num_ops):
+    name, level = ops[int(k)], float(rng.random())
+    if name in AFFINE:
+      matrix = AFFINE[name](level, rng, h, w)
+      out = _affine(out, matrix)
+      masks = [warp_mask(m, matrix, mask_fill) for m in masks]
+    else:
+      out = OPS[name](out, level, rng)
+  return (out if out is not image else image.copy()), masks
+
+
 def rand_augment(image: np.ndarray, rng: np.random.Generator, num_ops: int = 2,
                  ops: Sequence[str] = tuple(OPS)) -> np.ndarray:
   """Apply ``num_ops`` ops drawn uniformly (with replacement) from ``ops``, each with a fresh
   uniform magnitude ``level ~ U(0, 1)`` (FixMatch's RandAugment variant)."""
-  _check(image)
-  out = image
-  for k in rng.integers(0, len(ops), size=num_ops):
-    out = OPS[ops[int(k)]](out, float(rng.random()), rng)
-  return out if out is not image else image.copy()
+  return rand_augment_aligned(image, (), rng, num_ops=num_ops, ops=ops)[0]
 
 
 def strong_augment(image: np.ndarray, rng: np.random.Generator, *, flip: bool = True,
@@ -352,10 +426,10 @@ def strong_augment(image: np.ndarray, rng: np.random.Generator, *, flip: bool = 
   """
   image = weak_augment(image, rng, flip=flip, max_translate=max_translate)
   image = rand_augment(image, rng, num_ops=num_ops, ops=ops)
-  size = int(round(rng.uniform(0.0, cutout_max_fraction) * min(image.shape[:2])))
-  return cutout(image, rng, size, fill=cutout_fill)
+  return random_cutout(image, rng, cutout_max_fraction, fill=cutout_fill)
 
 
-def _check(image: np.ndarray) -> None:
+def check_image(image: np.ndarray) -> None:
+  """ValueError unless ``image`` is uint8 ``[H, W, 1 or 3]`` (what these functions take)."""
   if image.ndim != 3 or image.dtype != np.uint8 or image.shape[-1] not in (1, 3):
     raise ValueError(f"expected uint8 [H, W, 1 or 3], got {image.dtype} {image.shape}")

@@ -1,72 +1,113 @@
-"""Image-text examples: image normalisation, caption sampling (K captions per image for FFF)
-and tokenisation, plus the tokenizer a dataset uses.
+"""Image-text examples: the two-tower train / eval pipelines as transform ops
+(``bigvl.data.transforms``), plus the tokenizer a dataset uses.
 
 Input example: ``{image_key: uint8 [H, W, 3], text_key: [str | bytes, ...] or {'text': [...]}}``.
 Output: ``{'image': float32 [H, W, 3] in [-1, 1], 'tokens': int32 [K, L]}`` (train; K =
-``captions_per_image``) or ``{'image', 'tokens': [C, L] all captions, 'label'?}`` (eval).
+``captions_per_image``, drawn at random) or ``{'image', 'tokens': [C, L] the first C captions
+cycling, 'label'?}`` (eval). The default train pipeline (:func:`default_train_specs`) is::
+
+    sample_captions(K, key=text_key, out='texts')   # rng.choice(n, K, replace=n < K)
+    copy({image_key: 'image'})                       # only if image_key != 'image'
+    resize(image_size)                               # only if image_size; bilinear
+    value_range(-1, 1)                               # x * 2/255 - 1
+    tokenize(L, key='texts', out='tokens')           # ids[:L-1] + [EOS], padded
+    keep(('image', 'tokens'))
+
+``config.input.transforms`` replaces it with any list of op specs (it must still give
+``image`` and ``tokens [K, L]``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from bigvl.data import transforms
 from bigvl.data.tokenizer import Tokenizer, train_word_tokenizer
 
 log = logging.getLogger(__name__)
 
 
+def _image_specs(image_size: int | None, image_key: str) -> list[str]:
+  specs = [] if image_key == "image" else [f"copy({{{image_key!r}: 'image'}})"]
+  if image_size is not None:
+    specs.append(f"resize({int(image_size)})")
+  return specs + ["value_range(-1, 1)"]
+
+
+def default_train_specs(*, captions_per_image: int = 1, max_len: int = 16,
+                        image_size: int | None = None, image_key: str = "image",
+                        text_key: str = "captions") -> list[str]:
+  """The two-tower train pipeline as op specs (module docstring)."""
+  return ([f"sample_captions({captions_per_image}, key={text_key!r}, out='texts')"]
+          + _image_specs(image_size, image_key)
+          + [f"tokenize({max_len}, key='texts', out='tokens')", "keep(('image', 'tokens'))"])
+
+
+def eval_specs(num_captions: int, *, max_len: int = 16, image_size: int | None = None,
+               image_key: str = "image", text_key: str = "captions",
+               label_key: str | None = "label") -> list[str]:
+  """The eval pipeline: the first ``num_captions`` captions (cycling), the image as in
+  training, and ``label`` (int32) if ``label_key`` is set and the example has it."""
+  specs = ([f"sample_captions({num_captions}, key={text_key!r}, out='texts', random=False)"]
+           + _image_specs(image_size, image_key)
+           + [f"tokenize({max_len}, key='texts', out='tokens')"])
+  if label_key:
+    specs.append(f"cast({label_key!r}, 'int32', out='label', required=False)")
+  optional = ("label",) if label_key else ()
+  return specs + [f"keep(('image', 'tokens'), optional={optional!r})"]
+
+
 def normalize_image(image: np.ndarray, size: int | None = None) -> np.ndarray:
   """uint8 [H, W, C] -> float32 in [-1, 1], resized (bilinear) to ``size`` if given."""
-  image = np.asarray(image)
-  if size is not None and image.shape[0] != size:
-    from PIL import Image
-    image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
-  return image.astype(np.float32) * (2.0 / 255.0) - 1.0
+  return transforms.build(_image_specs(size, "image"))({"image": image})["image"]
 
 
 def texts_of(example: dict, key: str) -> list[str]:
-  value = example[key]
-  if isinstance(value, dict):  # e.g. coco_captions: {'id': ..., 'text': [...]}
-    value = value["text"]
-  if isinstance(value, (str, bytes)):
-    value = [value]
-  return [v.decode() if isinstance(v, bytes) else str(v) for v in value]
+  """``example[key]`` as a list of captions (``transforms.texts_of``)."""
+  return transforms.texts_of(example[key])
 
 
 class ImageTextTransform:
-  """Per-example transform for grain; ``__call__(example, rng)`` for train, ``eval`` for eval."""
+  """The two-tower transforms: ``__call__(example, rng)`` runs the train pipeline (the default
+  or ``train_specs``), ``eval(example, num_captions)`` the deterministic eval pipeline."""
 
   def __init__(self, tokenizer: Tokenizer, max_len: int, *, captions_per_image: int = 1,
                image_size: int | None = None, image_key: str = "image",
-               text_key: str = "captions", label_key: str | None = "label"):
+               text_key: str = "captions", label_key: str | None = "label",
+               train_specs: Sequence[transforms.Spec] | None = None,
+               where: str = "config.input.transforms"):
     self.tokenizer, self.max_len, self.k = tokenizer, max_len, captions_per_image
     self.image_size, self.image_key, self.text_key = image_size, image_key, text_key
     self.label_key = label_key
+    if train_specs is None:
+      train_specs = default_train_specs(
+          captions_per_image=captions_per_image, max_len=max_len, image_size=image_size,
+          image_key=image_key, text_key=text_key)
+    self.train = transforms.build(train_specs, where=where, tokenizer=tokenizer)
+    self._eval: dict[int, transforms.Transform] = {}
 
   def __call__(self, example: dict, rng: np.random.Generator) -> dict:
-    texts = texts_of(example, self.text_key)
-    replace = len(texts) < self.k
-    picks = rng.choice(len(texts), size=self.k, replace=replace)
-    return {"image": normalize_image(example[self.image_key], self.image_size),
-            "tokens": self.tokenizer.encode([texts[i] for i in picks], self.max_len)}
+    return self.train(example, rng)
 
   def eval(self, example: dict, num_captions: int) -> dict:
-    texts = texts_of(example, self.text_key)
-    texts = (texts * num_captions)[:num_captions]
-    out = {"image": normalize_image(example[self.image_key], self.image_size),
-           "tokens": self.tokenizer.encode(texts, self.max_len)}
-    if self.label_key and self.label_key in example:
-      out["label"] = np.int32(example[self.label_key])
-    return out
+    if num_captions not in self._eval:
+      self._eval[num_captions] = transforms.build(
+          eval_specs(num_captions, max_len=self.max_len, image_size=self.image_size,
+                     image_key=self.image_key, text_key=self.text_key,
+                     label_key=self.label_key),
+          where="eval transform", tokenizer=self.tokenizer)
+    return self._eval[num_captions](example)
 
 
 def dataset_tokenizer(tokenizer_path: str | None, source: Any, text_key: str, root: str,
                       dataset: str, vocab_size: int = 4096) -> Tokenizer:
-  """The configured tokenizer file, or one trained once on the train split's captions and
+  """The configured tokenizer file (any ``tokenizer.json``; its BOS/EOS/pad as
+  ``bigvl.data.tokenizer`` reads them), or one trained once on the train split's captions and
   saved next to the data (``<data_dir>/<dataset>/tokenizer_word<vocab>.json``)."""
   if tokenizer_path:
     return Tokenizer(os.path.expanduser(tokenizer_path))

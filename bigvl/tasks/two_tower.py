@@ -93,7 +93,9 @@ class Task(base.Task):
         positive_int(inp, "vocab_size", 4096))
     self.transform = image_text.ImageTextTransform(
         self.tokenizer, self.max_len, captions_per_image=self.k, image_size=self.image_size,
-        image_key=inp.typed("image_key", str, "image"), text_key=text_key)
+        image_key=inp.typed("image_key", str, "image"), text_key=text_key,
+        train_specs=inp.typed("transforms", (list, tuple), None),
+        where=f"{inp.path}.transforms")
 
     loss = config.loss
     self.loss_name = check_choice("config.loss.name", loss.name, ("sigmoid", "softmax"))

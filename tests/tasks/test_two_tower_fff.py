@@ -12,7 +12,7 @@ from bigvl.tasks.two_tower import owner_positives
 from tests.helpers import tiny_config
 
 # SGD: see tests/test_parallel.py (Adam's first step amplifies rounding noise).
-SGD = {"optim.name": "sgd", "optim.lr": 0.5, "schedule.warmup_steps": 0}
+SGD = {"optim.name": "sgd", "optim.lr": 0.5, "optim.b2": None, "schedule.warmup_steps": 0}
 # Low thresholds so that mining fires on a freshly initialised model (whose embeddings are
 # all alike): the point here is that both impls use the same mined mask.
 MINE = {"loss.mining.source": "self", "loss.mining.thr_ii": 0.9, "loss.mining.thr_tt": 0.9,
@@ -36,9 +36,9 @@ def _setup(config, batch=None, seed=0):
   """(run, params replicated on the mesh, task state, batch) without compiling a train step."""
   run = train.build(config)
   batch = _first_batch(run) if batch is None else batch
-  params, state = run.task.init(jax.random.PRNGKey(seed), batch)
+  params, state = parallel.unbox(run.task.init(jax.random.PRNGKey(seed), batch))
   params, state = jax.device_put((params, state), parallel.replicated(run.mesh))
-  state = run.task.load_frozen(state, jax.tree.map(lambda x: x.sharding, state))
+  state = train.load_pretrained({"params": params, "extra": state}, run.weights)["extra"]
   return run, params, state, batch
 
 
@@ -134,9 +134,9 @@ def test_mining_counts_planted_duplicates(shapes_data_dir, impl):
   c = _config(shapes_data_dir, **{"loss.impl": impl, "loss.mining.source": "self",
                                   "loss.mining.thr_ii": 1 - 1e-5, "loss.mining.thr_tt": None,
                                   "loss.mining.thr_it": None})
-  run, params, _, _ = _setup(c)
+  run, params, state, _ = _setup(c)
   batch = _planted_batch(run)
-  zimg = np.asarray(run.task.embed_images(params, batch["image"]))
+  zimg = np.asarray(run.task.predict_fns()["embed_images"](params, state, batch))
   cos = zimg @ zimg.T
   off = ~np.eye(16, dtype=bool)
   off[1, 0] = off[0, 1] = off[5, 3] = off[3, 5] = False
@@ -177,8 +177,9 @@ def test_teacher_checkpoint_is_restored(shapes_data_dir, tmp_path):
 
 
 def test_teacher_is_read_into_its_shards_by_the_run_init(shapes_data_dir, tmp_path):
-  """``compile_run``'s init (jit, then ``load_frozen``): the teacher is the checkpoint's params,
-  laid out as the partition rules say (fsdp over 2 devices), not replicated constants."""
+  """``compile_run``'s init (jit, then the declared pretrained weights): the teacher is the
+  checkpoint's params, laid out as their logical axes say (fsdp over 2 devices), not
+  replicated constants."""
   run, teacher, _, batch = _setup(_config(shapes_data_dir), seed=7)
   ckpt = checkpoint.Checkpointer(str(tmp_path / "teacher"))
   ckpt.save(3, {"params": teacher}, {})
@@ -201,15 +202,17 @@ def test_teacher_is_read_into_its_shards_by_the_run_init(shapes_data_dir, tmp_pa
 
 def test_teacher_with_another_model_config_is_a_config_error(shapes_data_dir, tmp_path):
   run = train.build(_config(shapes_data_dir))
-  teacher, _ = run.task.init(jax.random.PRNGKey(0), _first_batch(run))
+  teacher, _ = parallel.unbox(run.task.init(jax.random.PRNGKey(0), _first_batch(run)))
   ckpt = checkpoint.Checkpointer(str(tmp_path / "t"))
   ckpt.save(1, {"params": teacher}, {})
   ckpt.close()
   c = _config(shapes_data_dir, **{**MINE, "loss.mining.source": "teacher",
                                    "loss.mining.teacher_ckpt": str(tmp_path / "t"),
                                    "model.embed_dim": 16})
-  with pytest.raises(ConfigError, match="same config.model"):
-    train.build(c)
+  run = train.build(c)  # shapes are checked before compiling, where the model's are known
+  with pytest.raises(ConfigError, match=r"teacher_ckpt: 'params/img_proj/bias' is \(32,\)"
+                     r".* but extra/teacher/img_proj/bias is \(16,\) in this model"):
+    train.compile_run(run, _first_batch(run))
 
 
 @pytest.mark.parametrize("overrides, needle", [
@@ -238,3 +241,43 @@ def test_bad_fff_config_is_a_config_error(shapes_data_dir, overrides, needle):
                                 if not k.startswith("loss.mining.")})
   with pytest.raises(ConfigError, match=needle):
     train.build(c)
+
+
+def _np_weighted_sigmoid_loss(zimg, ztxt, t, b, positives, weights):
+  """``-1/N sum_ij c_ij log sigmoid(z_ij (t <x_i, y_j> + b))`` in float64, ``c_ij = weights_i``
+  on positive pairs and 1 on negatives."""
+  zimg, ztxt = (np.asarray(a, np.float64) for a in (zimg, ztxt))
+  logits = t * zimg @ ztxt.T + b
+  z = 2.0 * positives - 1.0
+  c = np.where(positives > 0, np.asarray(weights, np.float64)[:, None], 1.0)
+  return float(np.sum(c * np.logaddexp(0.0, -z * logits)) / len(zimg))
+
+
+@pytest.mark.parametrize("impl", ["dense", "ring"])
+def test_normalize_weighs_positives_k_over_k_plus_mined(shapes_data_dir, impl):
+  """``loss.mining.normalize``: image i's positives weigh K / (K + mined_i). Mining only the
+  two planted duplicate pairs (thr_ii), images 0, 1, 3, 5 each gain the other's K = 2
+  captions, weight 2 / 4; the other 12 images keep weight 1. The task's loss is the float64
+  reference with exactly these weights (and with weight 1 everywhere without normalize)."""
+  n, k = 16, 2
+  mine = {"loss.impl": impl, "loss.mining.source": "self", "loss.mining.thr_ii": 1 - 1e-5,
+          "loss.mining.thr_tt": None, "loss.mining.thr_it": None, **MESH}
+  c = _config(shapes_data_dir, **mine)
+  run, params, state, _ = _setup(c)
+  batch = _planted_batch(run)
+  fns = run.task.predict_fns()
+  zimg = fns["embed_images"](params, state, {"image": batch["image"]})
+  ztxt = fns["embed_texts"](params, state, {"tokens": batch["tokens"].reshape(n * k, -1)})
+  t, b = float(np.exp(params["t_prime"])), float(params["b"])
+  positives = np.kron(np.eye(n), np.ones((1, k)))  # image i owns texts i K .. i K + K - 1
+  for a, d in ((1, 0), (5, 3)):
+    positives[a, d * k:(d + 1) * k] = positives[d, a * k:(a + 1) * k] = 1.0
+  mined = np.isin(np.arange(n), (0, 1, 3, 5)) * k
+  [(plain, aux)] = _forward(c, batch)
+  [(norm, aux_n)] = _forward(_config(shapes_data_dir, **mine, **NORM), batch)
+  assert aux["mined_positives"] == aux_n["mined_positives"] == mined.sum() == 8
+  np.testing.assert_allclose(
+      plain, _np_weighted_sigmoid_loss(zimg, ztxt, t, b, positives, np.ones(n)), rtol=1e-5)
+  np.testing.assert_allclose(
+      norm, _np_weighted_sigmoid_loss(zimg, ztxt, t, b, positives, k / (k + mined)), rtol=1e-5)
+  assert plain - norm > 1e-3  # the weights matter at this tolerance
