@@ -9,8 +9,8 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from bigvl import parallel, train
-from bigvl.models import logical
 from bigvl.config import ConfigError
+from bigvl.models import logical
 from tests.helpers import tiny_config
 
 
