@@ -29,6 +29,8 @@ max_per_image, normalize}`` (see ``docs/fff.md``).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -51,12 +53,6 @@ def owner_ids(num_images: int, captions_per_image: int) -> jax.Array:
   return jnp.arange(num_images * captions_per_image, dtype=jnp.int32) // captions_per_image
 
 
-def owner_positives(num_images: int, captions_per_image: int) -> jax.Array:
-  """[N, N*K] mask: text j (flattened image-major) is a positive of image ``j // K``."""
-  return contrastive.positives_from_owners(jnp.arange(num_images),
-                                           owner_ids(num_images, captions_per_image))
-
-
 def _threshold(r: Reader, name: str, default: float) -> float | None:
   """A cosine threshold in [-1, 1]; a missing key is the default. None, or any value above 1
   (no cosine exceeds 1; ml_collections cannot set None from the command line), turns the test
@@ -69,6 +65,86 @@ def _threshold(r: Reader, name: str, default: float) -> float | None:
     raise ConfigError(f"{r.path}.{name} is a cosine threshold in [-1, 1] (> 1 or None: off), "
                       f"got {value!r}")
   return None if value > 1.0 else float(value)
+
+
+# --- the loss variants: one unit each (what it supports + how it runs) -----------------------
+
+LossFn = Callable[..., tuple[jax.Array, jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossVariant:
+  """A two-tower loss: ``fn(task, zimg [N, E], ztxt [N K, E], t, b, owners [N K], mined
+  [N, N K] bool | None, k) -> (loss, b as logged, extra metrics)``.
+
+  ``multi_positive``: takes K captions per image and mined positives (sigmoid losses);
+  ``mined_as_ids``: can take mined positives as up to ``max_per_image`` text ids (ring).
+  """
+
+  fn: LossFn
+  multi_positive: bool
+  mined_as_ids: bool = False
+
+
+def _pos_weight(task: Task, k: int, num_mined: jax.Array) -> jax.Array | None:
+  """[N] ``K / (K + mined_i)`` with ``loss.mining.normalize``: every image's positives weigh
+  K in all, so images with many mined positives (copies of one scene) do not get more
+  gradient than the others; None (every pair weighs 1, as in FFF) otherwise."""
+  if not task.normalize:
+    return None
+  return k / (k + num_mined.astype(jnp.float32))
+
+
+def _softmax_dense(task, zimg, ztxt, t, b, owners, mined, k):
+  """CLIP's symmetric InfoNCE; the bias is unused (logged as 0)."""
+  return contrastive.softmax_contrastive_loss(zimg, ztxt, t), jnp.zeros_like(b), {}
+
+
+def _sigmoid_dense(task, zimg, ztxt, t, b, owners, mined, k):
+  """SigLIP over the gathered [N, N K] logits; positives = owners | mined."""
+  positives = contrastive.positives_from_owners(jnp.arange(zimg.shape[0]), owners)
+  weight = None
+  if mined is not None:
+    positives = jnp.maximum(positives, mined.astype(positives.dtype))
+    weight = _pos_weight(task, k, jnp.sum(mined, axis=1))
+  return contrastive.sigmoid_loss(zimg, ztxt, t, b, positives=positives,
+                                  pos_weight=weight), b, {}
+
+
+def _sigmoid_ring(task, zimg, ztxt, t, b, owners, mined, k):
+  """``ring_sigmoid_loss`` in ``shard_map`` over the batch axes: text blocks travel around
+  the devices; mined positives go as per-image mask rows or up to ``max_per_image`` ids."""
+  extra, metrics = {}, {}
+  if mined is not None:
+    if task.max_per_image:
+      ids, dropped = contrastive.positive_ids_from_mask(mined, task.max_per_image)
+      extra["extra_pos_txt_ids"] = ids
+      metrics["mined_dropped"] = dropped
+      num_mined = jnp.sum(ids >= 0, axis=1)  # what did not fit is not a positive
+    else:
+      extra["positives"] = mined
+      num_mined = jnp.sum(mined, axis=1)
+    weight = _pos_weight(task, k, num_mined)
+    if weight is not None:
+      extra["pos_weight"] = weight
+  axes = parallel.BATCH_AXES
+  rows = P(axes)
+
+  def local(zi, zt, t, b, own, extra):
+    return contrastive.ring_sigmoid_loss(zi, zt, t, b, axis_name=axes, txt_owner_ids=own,
+                                         **extra)
+
+  fn = jax.shard_map(local, mesh=task.mesh, out_specs=P(),
+                     in_specs=(rows, rows, P(), P(), rows, {name: rows for name in extra}))
+  return fn(zimg, ztxt, t, b, owners, extra), b, metrics
+
+
+#: ``(loss.name, loss.impl) -> LossVariant``; a new variant is one function and one entry.
+LOSSES: dict[tuple[str, str], LossVariant] = {
+    ("softmax", "dense"): LossVariant(_softmax_dense, multi_positive=False),
+    ("sigmoid", "dense"): LossVariant(_sigmoid_dense, multi_positive=True),
+    ("sigmoid", "ring"): LossVariant(_sigmoid_ring, multi_positive=True, mined_as_ids=True),
+}
 
 
 class Task(base.Task):
@@ -98,15 +174,15 @@ class Task(base.Task):
         where=f"{inp.path}.transforms")
 
     loss = config.loss
-    self.loss_name = check_choice("config.loss.name", loss.name, ("sigmoid", "softmax"))
-    self.impl = check_choice("config.loss.impl", loss.typed("impl", str, "dense"),
-                             ("dense", "ring"))
-    if self.loss_name == "softmax" and self.k != 1:
-      raise ConfigError("config.loss.name='softmax' has one positive per image: it needs "
-                        "input.captions_per_image=1 (use the sigmoid loss for K > 1)")
-    if self.loss_name == "softmax" and self.impl != "dense":
-      raise ConfigError("config.loss.impl='ring' is the chunked sigmoid loss: it needs "
-                        "loss.name='sigmoid'")
+    name = check_choice("config.loss.name", loss.name, sorted({n for n, _ in LOSSES}))
+    impl = loss.typed("impl", str, "dense")
+    if (name, impl) not in LOSSES:
+      raise ConfigError(f"config.loss.impl={impl!r} with loss.name={name!r}: the losses are "
+                        f"{', '.join(f'{n}/{i}' for n, i in LOSSES)} (name/impl)")
+    self.loss_name, self.impl, self.variant = name, impl, LOSSES[name, impl]
+    if not self.variant.multi_positive and self.k != 1:
+      raise ConfigError(f"config.loss.name={name!r} has one positive per image: it needs "
+                        f"input.captions_per_image=1 (use the sigmoid loss for K > 1)")
     model_mod = registry.load("models", config.model.name, "model")
     self.model = model_mod.from_config(config.model, vocab_size=self.tokenizer.vocab_size,
                                        max_len=self.max_len)
@@ -125,15 +201,15 @@ class Task(base.Task):
     if self.start_step < 0:
       raise ConfigError(f"config.loss.mining.start_step must be >= 0, got {self.start_step}")
     self.max_per_image = positive_int(m, "max_per_image", None)
-    if self.max_per_image and self.impl != "ring":
-      raise ConfigError("config.loss.mining.max_per_image (mined positives as text ids) is "
-                        "for loss.impl='ring'; the dense loss takes the mask")
+    if self.max_per_image and not self.variant.mined_as_ids:
+      raise ConfigError(f"config.loss.mining.max_per_image (mined positives as text ids) is "
+                        f"for loss.impl='ring'; {self.loss_name}/{self.impl} takes the mask")
     teacher = m.typed("teacher_ckpt", str, None)
     if self.mining == "none":
       return
-    if self.loss_name != "sigmoid":
-      raise ConfigError("config.loss.mining needs loss.name='sigmoid' (mined pairs are extra "
-                        "positives, which the softmax loss cannot have)")
+    if not self.variant.multi_positive:
+      raise ConfigError(f"config.loss.mining needs loss.name='sigmoid' (mined pairs are extra "
+                        f"positives, which the {self.loss_name} loss cannot have)")
     if (self.thr_ii, self.thr_tt, self.thr_it) == (None, None, None):
       raise ConfigError("config.loss.mining: every threshold is None, nothing can be mined; "
                         "set loss.mining.source='none' instead")
@@ -203,28 +279,6 @@ class Task(base.Task):
     return mining.mine_positives(zimg, ztxt, owners, thr_ii=self.thr_ii, thr_tt=self.thr_tt,
                                  thr_it=self.thr_it)
 
-  def _pos_weight(self, k: int, num_mined: jax.Array) -> jax.Array | None:
-    """[N] ``K / (K + mined_i)`` with ``loss.mining.normalize``: every image's positives weigh
-    K in all, so images with many mined positives (copies of one scene) do not get more
-    gradient than the others; None (every pair weighs 1, as in FFF) otherwise."""
-    if not self.normalize:
-      return None
-    return k / (k + num_mined.astype(jnp.float32))
-
-  def _ring_loss(self, zimg, ztxt, t, b, owners, **extra) -> jax.Array:
-    """``ring_sigmoid_loss`` over the batch axes; ``extra``: per-image ``positives`` rows or
-    ``extra_pos_txt_ids``, split like the images."""
-    axes = parallel.BATCH_AXES
-    rows = P(axes)
-
-    def local(zi, zt, t, b, own, extra):
-      return contrastive.ring_sigmoid_loss(zi, zt, t, b, axis_name=axes, txt_owner_ids=own,
-                                           **extra)
-
-    fn = jax.shard_map(local, mesh=self.mesh, out_specs=P(),
-                       in_specs=(rows, rows, P(), P(), rows, {k: rows for k in extra}))
-    return fn(zimg, ztxt, t, b, owners, extra)
-
   def loss(self, params, state, batch, rng, step):
     images, tokens = batch["image"], batch["tokens"]
     n, k = tokens.shape[0], tokens.shape[1]
@@ -242,31 +296,8 @@ class Task(base.Task):
                      mined_ii=jnp.where(on, res.num_ii, 0), mined_tt=jnp.where(on, res.num_tt, 0),
                      mined_it=jnp.where(on, res.num_it, 0))
 
-    if self.loss_name == "softmax":
-      loss = contrastive.softmax_contrastive_loss(zimg, ztxt, t)
-      b = jnp.zeros_like(b)
-    elif self.impl == "dense":
-      positives = contrastive.positives_from_owners(jnp.arange(n), owners)
-      weight = None
-      if mined is not None:
-        positives = jnp.maximum(positives, mined.astype(positives.dtype))
-        weight = self._pos_weight(k, jnp.sum(mined, axis=1))
-      loss = contrastive.sigmoid_loss(zimg, ztxt, t, b, positives=positives, pos_weight=weight)
-    else:
-      extra = {}
-      if mined is not None:
-        if self.max_per_image:
-          ids, dropped = contrastive.positive_ids_from_mask(mined, self.max_per_image)
-          extra["extra_pos_txt_ids"] = ids
-          metrics["mined_dropped"] = dropped
-          num_mined = jnp.sum(ids >= 0, axis=1)  # what did not fit is not a positive
-        else:
-          extra["positives"] = mined
-          num_mined = jnp.sum(mined, axis=1)
-        weight = self._pos_weight(k, num_mined)
-        if weight is not None:
-          extra["pos_weight"] = weight
-      loss = self._ring_loss(zimg, ztxt, t, b, owners, **extra)
+    loss, b, extra_metrics = self.variant.fn(self, zimg, ztxt, t, b, owners, mined, k)
+    metrics.update(extra_metrics)
 
     # Mean logits of the N K owner pairs and of all other pairs, in O((N + N K) D): the ring
     # never materialises the [N, N K] logits, and these metrics do not either.

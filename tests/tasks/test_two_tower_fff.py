@@ -2,13 +2,14 @@
 mining on), mining counts planted duplicates, a teacher checkpoint is restored, bad knobs fail."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bigvl import checkpoint, parallel, train
 from bigvl.config import ConfigError
 from bigvl.losses import contrastive
-from bigvl.tasks.two_tower import owner_positives
+from bigvl.tasks.two_tower import owner_ids
 from tests.helpers import tiny_config
 
 # SGD: see tests/test_parallel.py (Adam's first step amplifies rounding noise).
@@ -156,7 +157,8 @@ def test_mining_off_before_start_step(shapes_data_dir):
   run, params, _, batch = _setup(c)
   tokens = batch["tokens"].reshape(32, -1)
   zimg, ztxt, t, b = run.task.model.apply({"params": params}, batch["image"], tokens)
-  want = contrastive.sigmoid_loss(zimg, ztxt, t, b, positives=owner_positives(16, 2))
+  own = contrastive.positives_from_owners(jnp.arange(16), owner_ids(16, 2))  # image j // 2
+  want = contrastive.sigmoid_loss(zimg, ztxt, t, b, positives=own)
   np.testing.assert_allclose(loss0, want, rtol=1e-5)
   assert loss1 != pytest.approx(loss0)
 
@@ -209,10 +211,12 @@ def test_teacher_with_another_model_config_is_a_config_error(shapes_data_dir, tm
   c = _config(shapes_data_dir, **{**MINE, "loss.mining.source": "teacher",
                                    "loss.mining.teacher_ckpt": str(tmp_path / "t"),
                                    "model.embed_dim": 16})
-  run = train.build(c)  # shapes are checked before compiling, where the model's are known
+  run = train.build(c)
+  batch = _first_batch(run)
+  fns = train.compile_run(run, batch)  # traces only: shapes are checked before compiling init
   with pytest.raises(ConfigError, match=r"teacher_ckpt: 'params/img_proj/bias' is \(32,\)"
                      r".* but extra/teacher/img_proj/bias is \(16,\) in this model"):
-    train.compile_run(run, _first_batch(run))
+    fns.init(batch)
 
 
 @pytest.mark.parametrize("overrides, needle", [
@@ -281,3 +285,23 @@ def test_normalize_weighs_positives_k_over_k_plus_mined(shapes_data_dir, impl):
   np.testing.assert_allclose(
       norm, _np_weighted_sigmoid_loss(zimg, ztxt, t, b, positives, k / (k + mined)), rtol=1e-5)
   assert plain - norm > 1e-3  # the weights matter at this tolerance
+
+
+def test_a_new_loss_variant_is_one_unit(shapes_data_dir, monkeypatch):
+  """A variant registered in ``two_tower.LOSSES`` runs (and is validated) without editing the
+  task: here the dense sigmoid loss with every pair weighted 2 gives twice its loss."""
+  from bigvl.tasks import two_tower
+
+  def doubled(task, zimg, ztxt, t, b, owners, mined, k):
+    loss, b, metrics = two_tower._sigmoid_dense(task, zimg, ztxt, t, b, owners, mined, k)
+    return 2 * loss, b, {**metrics, "doubled": jnp.ones(())}
+
+  monkeypatch.setitem(two_tower.LOSSES, ("sigmoid", "doubled"),
+                      two_tower.LossVariant(doubled, multi_positive=True))
+  [(base_loss, _)] = _forward(_config(shapes_data_dir))
+  [(loss, aux)] = _forward(_config(shapes_data_dir, **{"loss.impl": "doubled"}))
+  np.testing.assert_allclose(loss, 2 * base_loss, rtol=1e-6)
+  assert aux["doubled"] == 1
+  with pytest.raises(ConfigError, match="max_per_image .* sigmoid/doubled takes the mask"):
+    train.build(_config(shapes_data_dir, **{"loss.impl": "doubled", **MINE,
+                                            "loss.mining.max_per_image": 2}))
