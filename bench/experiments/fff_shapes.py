@@ -11,7 +11,8 @@ positive 1), K = 5 without mining, and mining with K = 1. With several seeds the
 mean +- std over seeds. Metrics on the clean test split (1000 independent scenes x 5 captions):
 zero-shot accuracy (24 classes) and the standard retrieval Recall@K (only an image's own
 captions are correct). ``--workdir`` keeps the runs, one directory per run config and seed; a
-directory that holds a finished run is reused, an unfinished one resumes.
+directory is reused only for the same command and code version (``_runs.py``), an unfinished
+one resumes. The table names the code version it was made with.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import sys
 import tempfile
 
 import numpy as np
+from _runs import REPO, code_version, prepare_workdir  # bench/experiments/_runs.py
 from _table import write_table  # bench/experiments/_table.py
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = "configs/fff_shapes.py"
 UNWEIGHTED = "--config.loss.mining.normalize=False"
 RUNS = [("SigLIP baseline (K=1, no mining)", "tiny,baseline", []),
@@ -43,14 +44,14 @@ METRICS = [("zero-shot acc", "zeroshot/accuracy"),
            ("t2i scene R@1", "retrieval/t2i_scene_R@1")]
 
 
-def run_one(arg: str, flags: list[str], seed: int, workdir: str) -> dict:
+def run_one(arg: str, flags: list[str], seed: int, workdir: str, code: str) -> dict:
   """One training run; returns its final evals, its training throughput and the mean mined
-  positives. A workdir that already holds a finished run (``results.json``) is reused as it
-  is, and an unfinished one resumes, so ``--workdir`` lets more seeds be added later."""
+  positives. A workdir that holds the finished run of the same command and code version is
+  reused, an unfinished one resumes, anything else is cleared (``_runs.prepare_workdir``)."""
   cmd = [sys.executable, "-m", "bigvl.main", "--config", f"{CONFIG}:{arg}", "--workdir",
          workdir, f"--config.seed={seed}", *flags]
   print("+", " ".join(cmd[1:]), flush=True)
-  if not os.path.exists(os.path.join(workdir, "results.json")):  # else: finished, reused
+  if not prepare_workdir(workdir, cmd[1:], code):
     subprocess.run(cmd, cwd=REPO, check=True)
   with open(os.path.join(workdir, "results.json")) as f:
     res = json.load(f)
@@ -91,12 +92,13 @@ def main() -> None:
   args = ap.parse_args()
   runs = RUNS + (ABLATIONS if args.ablations else [])
   results: dict[str, list[dict]] = {name: [] for name, _, _ in runs}
+  code = code_version()
   with tempfile.TemporaryDirectory() as tmp:
     root = args.workdir or tmp
     for seed in args.seeds:
       for name, arg, flags in runs:
         wd = os.path.join(root, f"{slug(arg, flags + args.extra)}_seed{seed}")
-        results[name].append(run_one(arg, flags + args.extra, seed, wd))
+        results[name].append(run_one(arg, flags + args.extra, seed, wd, code))
 
   command = ("python bench/experiments/fff_shapes.py --seeds " +
              " ".join(map(str, args.seeds)) + (" --ablations" if args.ablations else "") +
@@ -105,7 +107,7 @@ def main() -> None:
   metrics = [(m, key) for m, key in METRICS if key in first]  # scene R@1: only with scene_key
   lines = [
       "# FFF vs SigLIP on near-duplicate data (shapes_captions/dups, tiny)", "",
-      f"Command: `{command}`", "",
+      f"Command: `{command}` (code version `{code}`)", "",
       f"Each row: `python -m bigvl.main --config {CONFIG}:<arg>` with the same seed, steps, "
       f"model, optimizer and data order; seeds {', '.join(map(str, args.seeds))}"
       + (" (mean ± std over seeds)" if len(args.seeds) > 1 else "") + ". Train split: half "
