@@ -53,6 +53,11 @@ def runs(suite: str, data_dir: str) -> list[tuple[str, str, str, dict]]:
             ("fff/k5_only", "fff_shapes", "tiny", {**data, "loss.mining.source": "none"}),
             ("fff/mining_only", "fff_shapes", "tiny,k=1", {**data,
                                                           "loss.mining.normalize": False}),
+            # Mining starts after a warm-up in the table's runs: here from step 1 too, so its
+            # code path is compared (self-mining and the ring's sharded variant).
+            ("fff/fff@mine1", "fff_shapes", "tiny", {**data, "loss.mining.start_step": 1}),
+            ("fff/unweighted@mine1", "fff_shapes", "tiny", {
+                **data, "loss.mining.normalize": False, "loss.mining.start_step": 1}),
             ("siglip", "siglip_shapes", "tiny", data),
             ("clip", "clip_shapes", "tiny", data)]
   return out
