@@ -13,9 +13,9 @@ under the data dir (no network at run time).
 
 from bigvl.config import load_sibling
 
-_mnist = load_sibling(__file__, "semisup_mnist")
+_base = load_sibling(__file__, "semisup_base")
 
 
 def get_config(arg=None):
-  return _mnist.tfds_benchmark(arg, dataset="cifar10", flip=True,
-                               mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))
+  return _base.tfds_benchmark(arg, dataset="cifar10", flip=True,
+                              mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))

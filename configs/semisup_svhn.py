@@ -11,9 +11,9 @@ translations only) and SVHN's mean / std.
 
 from bigvl.config import load_sibling
 
-_mnist = load_sibling(__file__, "semisup_mnist")
+_base = load_sibling(__file__, "semisup_base")
 
 
 def get_config(arg=None):
-  return _mnist.tfds_benchmark(arg, dataset="svhn_cropped", flip=False,
-                               mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970))
+  return _base.tfds_benchmark(arg, dataset="svhn_cropped", flip=False,
+                              mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970))

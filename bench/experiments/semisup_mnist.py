@@ -25,9 +25,9 @@ import time
 
 import numpy as np
 
+from bigvl.tasks.semisup_methods import METHODS
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-METHODS = ("supervised", "pi_model", "temporal_ensembling", "mean_teacher", "vat",
-           "pseudo_label", "entropy_min", "mixmatch", "uda", "fixmatch")
 
 
 def run_one(method: str, seed: int, steps: int, workroot: str) -> dict:
@@ -46,8 +46,8 @@ def run_one(method: str, seed: int, steps: int, workroot: str) -> dict:
   out = {"method": method, "seed": seed, "steps": steps, "seconds": time.perf_counter() - t0,
          "error": res["test/error"], "mu": c.semisup.get("mu", 0),
          "batch_size": c.input.batch_size}
-  if "test/teacher_error" in res:
-    out["teacher_error"] = res["test/teacher_error"]
+  if "teacher/error" in res:  # Mean Teacher's second evaluator: its EMA teacher
+    out["teacher_error"] = res["teacher/error"]
   shutil.rmtree(workdir, ignore_errors=True)
   return out
 
