@@ -70,6 +70,12 @@ class Checkpointer:
     self._mngr.close()
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether ``workdir/checkpoints`` holds a step directory (a run to resume)."""
+  path = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path))
+
+
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)

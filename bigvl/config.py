@@ -8,6 +8,7 @@ run with one line instead of silently falling back to a default.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -144,28 +145,125 @@ def positive_int(r: Reader, name: str, default: Any = _MISSING) -> int:
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """``'tiny,res=64'`` -> ``{'tiny': True, 'res': 64}`` over ``defaults`` (big_vision style).
 
-  A bare word is a boolean switch; ``k=v`` takes v's type from the default.
+  A bare word is a boolean switch; ``k=v`` takes v's type from the default. An unknown key or
+  a value of the wrong type is a :class:`ConfigError` saying which.
   """
   out = ml_collections.ConfigDict(defaults)
   for item in filter(None, (arg or "").split(",")):
     key, eq, value = item.partition("=")
     if key not in out:
       raise ConfigError(f"unknown config arg {key!r}; known: {', '.join(out.keys())}")
+    kind = type(defaults[key])
     if not eq:
+      if kind is not bool:
+        raise ConfigError(f"config arg {key!r} needs a value ({key}=<{kind.__name__}>)")
       out[key] = True
+    elif kind is bool:
+      if value.lower() not in _BOOLS:
+        raise ConfigError(f"config arg {key}={value!r} must be bool (true/false, 1/0, yes/no)")
+      out[key] = _BOOLS[value.lower()]
     else:
-      kind = type(defaults[key])
-      out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+      try:
+        out[key] = kind(value)
+      except ValueError:
+        raise ConfigError(f"config arg {key}={value!r} must be {kind.__name__}") from None
   return out
+
+
+_BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def _import_file(path: str, module_name: str) -> Any:
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(module_name, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _where(e: BaseException, path: str) -> str:
+  """``' (file:line)'`` of the innermost traceback frame in ``path`` (where a config broke)."""
+  import traceback
+
+  frames = [f for f in traceback.extract_tb(e.__traceback__)
+            if os.path.abspath(f.filename) == os.path.abspath(path)]
+  return f" ({path}:{frames[-1].lineno})" if frames else ""
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """``'configs/x.py:arg'`` -> ``get_config(arg)`` of that file (``get_config()`` if no arg).
+
+  Every failure -- no such file, a file that does not import, no ``get_config``, a bad arg,
+  an exception in ``get_config`` -- is a one-line :class:`ConfigError`.
+  """
+  path, colon, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config {path}: no such file")
+  try:
+    mod = _import_file(path, "bigvl_config")
+  except Exception as e:  # noqa: BLE001 -- a config file that does not import
+    raise ConfigError(f"--config {path} does not load: {type(e).__name__}: "
+                      f"{_first_line(e)}{_where(e, path)}") from None
+  if not callable(getattr(mod, "get_config", None)):
+    raise ConfigError(f"--config {path} defines no get_config(arg)")
+  try:
+    config = mod.get_config(arg) if colon else mod.get_config()
+  except ConfigError as e:
+    raise ConfigError(f"--config {spec}: {e}") from None
+  except Exception as e:  # noqa: BLE001 -- a config whose get_config fails
+    raise ConfigError(f"--config {spec}: get_config raised {type(e).__name__}: "
+                      f"{_first_line(e)}{_where(e, path)}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"--config {spec}: get_config returned {type(config).__name__}, "
+                      "not a ConfigDict")
+  return config
+
+
+def _first_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return lines[0] if lines else repr(e)
+
+
+def flat_keys(cfg: ml_collections.ConfigDict | dict, prefix: str = "") -> list[str]:
+  """Every key path of a nested config, sub-dicts included: ``['a', 'a.b', ...]``."""
+  out = []
+  for name in cfg.keys():
+    key = f"{prefix}{name}"
+    out.append(key)
+    if isinstance(cfg[name], (ml_collections.ConfigDict, dict)):
+      out.extend(flat_keys(cfg[name], key + "."))
+  return out
+
+
+def check_override(cfg: ml_collections.ConfigDict, key: str) -> None:
+  """Raises ``ConfigError('unknown config key config.<key> (did you mean ...?)')`` unless
+  ``key`` (``'optim.lr'``) names an entry of ``cfg``. Suggestions: difflib's close matches
+  among all key paths, else among their last parts, else the keys of ``key``'s parent."""
+  import difflib
+
+  keys = flat_keys(cfg)
+  if key in keys:
+    return
+  parents = {k.rpartition(".")[0] for k in keys}
+  leaves = [k for k in keys if k not in parents]
+  close = difflib.get_close_matches(key, leaves, n=3, cutoff=0.6)
+  if not close:  # a typo in the last part of a long path: compare the last parts
+    last = lambda k: k.rpartition(".")[2]
+    near = difflib.get_close_matches(last(key), sorted({last(k) for k in leaves}), cutoff=0.6)
+    close = [k for k in leaves if last(k) in near][:3]
+  parent = key.rpartition(".")[0]
+  siblings = [k.rpartition(".")[2] for k in keys if parent and k.rpartition(".")[0] == parent]
+  if close:
+    hint = f"did you mean {' or '.join(f'config.{k}' for k in close)}?"
+  elif siblings:
+    hint = f"config.{parent} has: {', '.join(siblings)}"
+  else:
+    hint = "no similar key in the config"
+  raise ConfigError(f"unknown config key config.{key} ({hint})")
 
 
 def load_sibling(config_file: str, name: str) -> Any:
   """Imports ``configs/<name>.py`` next to ``config_file`` (configs are not a package)."""
-  import importlib.util
-  import os
-
   path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"bigvl_configs_{name}", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return _import_file(path, f"bigvl_configs_{name}")

@@ -1,5 +1,10 @@
 """Where metrics go: ``metrics.jsonl`` (one JSON object per logged step), TensorBoard events
-and a console progress line (step, loss, examples/s, ETA). Only process 0 writes."""
+and a console progress line (step, loss, examples/s, ETA). Only process 0 writes.
+
+Throughput counts every example a train step processes, ``task.examples_per_step``: the
+global batch for a two-tower task, labeled plus unlabeled images for a semi-supervised one.
+The progress line says so (``1234 ex/s (48 per step)``); ``examples_per_s`` in the jsonl is
+the same number, and ``tflops_per_device`` / ``mfu`` come from steps per second."""
 
 from __future__ import annotations
 
@@ -75,10 +80,10 @@ def read_jsonl(path: str) -> list[dict]:
 class MetricWriter:
   """Writes scalars to jsonl + TensorBoard, prints the progress line."""
 
-  def __init__(self, workdir: str, total_steps: int, batch_size: int, tensorboard: bool = True,
-               stream: Any = None, step_flops: float | None = None):
+  def __init__(self, workdir: str, total_steps: int, examples_per_step: int,
+               tensorboard: bool = True, stream: Any = None, step_flops: float | None = None):
     self.active = jax.process_index() == 0
-    self.total_steps, self.batch_size = total_steps, batch_size
+    self.total_steps, self.examples_per_step = total_steps, examples_per_step
     self.stream = stream or sys.stdout
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
@@ -93,19 +98,25 @@ class MetricWriter:
 
   def compute_metrics(self, step: int) -> dict[str, float]:
     """examples/s, and per-device TFLOP/s and MFU where the step's FLOPs are known."""
-    ex_s, _ = self.throughput(step)
-    if not math.isfinite(ex_s):
+    steps_s = self.steps_per_s(step)
+    if not math.isfinite(steps_s):
       return {}
-    out = {"examples_per_s": ex_s}
+    out = {"examples_per_s": steps_s * self.examples_per_step}
     if self.step_flops:
-      achieved = self.step_flops * ex_s / self.batch_size
+      achieved = self.step_flops * steps_s
       out["tflops_per_device"] = achieved / 1e12
       if self.peak:
         out["mfu"] = achieved / self.peak
     return out
 
   def start(self, step: int) -> None:
+    """Starts the throughput clock at ``step`` (after the first, compiling, step)."""
     self._t0, self._step0 = time.perf_counter(), step
+
+  @property
+  def started(self) -> bool:
+    """Whether :meth:`start` was called."""
+    return self._t0 is not None
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.active:
@@ -117,13 +128,16 @@ class MetricWriter:
       for k, v in clean.items():
         self._tb.add_scalar(k, v, step)
 
+  def steps_per_s(self, step: int) -> float:
+    """Train steps per second since :meth:`start` (NaN before a step after it)."""
+    if self._t0 is None or step <= self._step0:
+      return float("nan")
+    return (step - self._step0) / (time.perf_counter() - self._t0)
+
   def throughput(self, step: int) -> tuple[float, float]:
     """(examples/s since start, seconds left)."""
-    if self._t0 is None or step <= self._step0:
-      return float("nan"), float("nan")
-    dt = time.perf_counter() - self._t0
-    steps_per_s = (step - self._step0) / dt
-    return steps_per_s * self.batch_size, (self.total_steps - step) / steps_per_s
+    steps_s = self.steps_per_s(step)
+    return steps_s * self.examples_per_step, (self.total_steps - step) / steps_s
 
   def progress(self, step: int, scalars: dict[str, float], keys: tuple[str, ...]) -> None:
     if not self.active:
@@ -134,6 +148,7 @@ class MetricWriter:
       if k in scalars:
         parts.append(f"{k} {scalars[k]:.4g}")
     parts.append(f"{ex_s:.0f} ex/s" if math.isfinite(ex_s) else "- ex/s")
+    parts[-1] += f" ({self.examples_per_step} per step)"
     if "mfu" in scalars:
       parts.append(f"MFU {100 * scalars['mfu']:.1f}%")
     parts.append(f"ETA {_fmt_time(eta)}")

@@ -225,6 +225,7 @@ class Compiled:
   step: Any
   abstract_state: Any
   state_shardings: Any
+  check_weights: Any  # () -> None: ConfigError unless every pretrained source fits
 
 
 def compile_run(run: Run, example_batch: Any) -> Compiled:
@@ -253,16 +254,19 @@ def compile_run(run: Run, example_batch: Any) -> Compiled:
   abstract = checkpoint.abstract_with_shardings(shapes, shardings)
   jit_init = jax.jit(init_fn, out_shardings=shardings)
 
-  def init(batch):
-    for src in run.weights:  # every file and target shape is right, before compiling
+  def check_weights():
+    for src in run.weights:  # every file, key and shape is right, before compiling
       checkpoint.check_weights(src, _weight_targets(src, abstract))
+
+  def init(batch):
+    check_weights()
     return load_pretrained(jit_init(batch), run.weights)
 
   batch_sh = jax.tree.map(lambda _: parallel.batch_sharding(run.mesh), example_batch)
   step = jax.jit(make_train_step(run.task, run.tx, run.schedule, run.microbatches),
                  in_shardings=(shardings, batch_sh),
                  out_shardings=(shardings, parallel.replicated(run.mesh)), donate_argnums=0)
-  return Compiled(init, step, abstract, shardings)
+  return Compiled(init, step, abstract, shardings, check_weights)
 
 
 def model_params(state: dict) -> dict:
@@ -349,6 +353,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
   example = parallel.global_batch(next(data), mesh)
   data.set_state(start_state)
   fns = compile_run(run, example)
+  if not checkpoint.has_checkpoint(workdir):
+    fns.check_weights()  # a bad pretrained source fails here, before anything is written
   ckpt = checkpoint.Checkpointer(workdir, keep=run.keep_ckpts)
   restored = ckpt.restore_latest(fns.abstract_state)
   if restored is None:

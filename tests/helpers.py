@@ -39,11 +39,21 @@ def tiny_flags(data_dir: str, **overrides) -> list[str]:
   return [f"--config.{k}={v}" for k, v in {**tiny_overrides(data_dir), **overrides}.items()]
 
 
-def run_main(args: list[str], env_extra: dict | None = None, timeout: int = 600
-             ) -> subprocess.CompletedProcess:
-  """``python -m bigvl.main ARGS`` in a fresh process (1 CPU device unless XLA_FLAGS says)."""
+def _main_cmd(args: list[str], env_extra: dict | None) -> dict:
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   env.update(env_extra or {})
-  return subprocess.run([sys.executable, "-m", "bigvl.main", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return {"args": [sys.executable, "-m", "bigvl.main", *args], "cwd": REPO, "env": env}
+
+
+def run_main(args: list[str], env_extra: dict | None = None, timeout: int = 600
+             ) -> subprocess.CompletedProcess:
+  """``python -m bigvl.main ARGS`` in a fresh process (1 CPU device unless XLA_FLAGS says)."""
+  return subprocess.run(**_main_cmd(args, env_extra), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def start_main(args: list[str], stdout, stderr, env_extra: dict | None = None
+               ) -> subprocess.Popen:
+  """:func:`run_main` without waiting: the test watches, signals and reaps the process."""
+  return subprocess.Popen(**_main_cmd(args, env_extra), stdout=stdout, stderr=stderr, text=True)

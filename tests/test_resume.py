@@ -1,35 +1,146 @@
-"""Kill-and-resume: a run killed at step k and restarted logs the same losses as an
-uninterrupted run (params, optimizer state, step, rng and the data iterator all restored)."""
+"""Kill-and-resume: a run killed at any moment and started again with the same command logs
+the same losses as an uninterrupted run (params, optimizer state, step, rng and the data
+iterator all restored). The test kills ``python -m bigvl.main`` itself: SIGKILL between
+checkpoints and while an async checkpoint save is in flight, and SIGTERM (preemption), which
+the run answers by checkpointing the current step and exiting 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
 
 import pytest
 
-from bigvl.metrics import read_jsonl
-from tests.helpers import run_main, tiny_flags
+from tests.helpers import run_main, start_main, tiny_flags
 
 TINY = "configs/siglip_shapes.py:tiny"
+TOTAL = 24
+_TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 
-def _losses(workdir):
-  return {r["step"]: r["loss"] for r in read_jsonl(f"{workdir}/metrics.jsonl") if "loss" in r}
+def _flags(data_dir: str) -> list[str]:
+  return tiny_flags(data_dir, total_steps=TOTAL, log_every=1, ckpt_every=4)
+
+
+def _losses(workdir) -> dict[int, float]:
+  """Logged train losses by step (a line cut short by a kill is not one)."""
+  out = {}
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for ln in f:
+        try:
+          row = json.loads(ln)
+        except json.JSONDecodeError:
+          continue
+        if "loss" in row:
+          out[row["step"]] = row["loss"]
+  return out
+
+
+def _checkpoints(workdir) -> tuple[set[int], set[int]]:
+  """(finalised steps, steps whose save is in flight) under ``workdir/checkpoints``."""
+  d = os.path.join(workdir, "checkpoints")
+  names = os.listdir(d) if os.path.isdir(d) else []
+  done = {int(n) for n in names if n.isdigit()}
+  return done, {int(m.group(1)) for n in names if (m := _TMP.match(n))}
+
+
+def _start(cmd: list[str], workdir):
+  """Starts ``python -m bigvl.main CMD``; stdout/stderr go to ``<workdir>.out`` / ``.err``."""
+  with open(f"{workdir}.out", "w") as out, open(f"{workdir}.err", "w") as err:
+    return start_main(cmd, out, err)
+
+
+def _freeze_when(proc, workdir, moment: Callable[[], bool]) -> tuple[set[int], set[int]]:
+  """Once ``moment()`` holds, freezes ``proc`` (SIGSTOP) and returns the checkpoints on disk
+  at that instant (:func:`_checkpoints`)."""
+  deadline = time.monotonic() + 600
+  while not moment():
+    if proc.poll() is not None or time.monotonic() > deadline:
+      proc.kill()
+      pytest.fail(f"the run ended (rc {proc.returncode}) before the moment to stop it:\n"
+                  + open(f"{workdir}.err").read()[-3000:])
+    time.sleep(0.002)
+  proc.send_signal(signal.SIGSTOP)
+  return _checkpoints(workdir)
+
+
+def _assert_resumes_exactly(cmd, workdir, expected_from: int | None, full: dict[int, float]):
+  resumed = run_main(cmd)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  if expected_from is None:
+    assert "resumed from" not in resumed.stdout
+  else:
+    assert f"bigvl: resumed from step {expected_from} " in resumed.stdout, resumed.stdout
+  got = _losses(workdir)
+  assert sorted(got) == list(range(1, TOTAL + 1))
+  assert got == full  # exactly: bitwise the same run
+
+
+@pytest.fixture(scope="module")
+def full_losses(shapes_data_dir, tmp_path_factory) -> dict[int, float]:
+  """The uninterrupted run's losses."""
+  workdir = tmp_path_factory.mktemp("full")
+  out = run_main(["--config", TINY, "--workdir", str(workdir), *_flags(shapes_data_dir)])
+  assert out.returncode == 0, out.stderr[-3000:]
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, TOTAL + 1))
+  assert len(set(losses.values())) > TOTAL // 2  # they move: equality is not between constants
+  return losses
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_exactly(shapes_data_dir, tmp_path):
-  flags = tiny_flags(shapes_data_dir, total_steps=12, log_every=1, ckpt_every=4)
-  full = run_main(["--config", TINY, "--workdir", str(tmp_path / "full"), *flags])
-  assert full.returncode == 0, full.stderr[-3000:]
+@pytest.mark.parametrize("moment", ["between_checkpoints", "save_in_flight"])
+def test_sigkill_then_rerun_continues_exactly(shapes_data_dir, tmp_path, full_losses, moment):
+  workdir = tmp_path / moment
+  cmd = ["--config", TINY, "--workdir", str(workdir), *_flags(shapes_data_dir)]
 
-  killed = run_main(["--config", TINY, "--workdir", str(tmp_path / "killed"), *flags],
-                    env_extra={"BIGVL_TEST_KILL_AT_STEP": "7"})
-  assert killed.returncode == 17, killed.stderr[-3000:]
-  assert max(_losses(tmp_path / "killed")) == 7  # it logged past its last checkpoint (4)
+  def between():  # two steps past a finished checkpoint
+    done, _ = _checkpoints(workdir)
+    return bool(done) and max(_losses(workdir), default=0) >= max(done) + 2
 
-  resumed = run_main(["--config", TINY, "--workdir", str(tmp_path / "killed"), *flags])
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "resumed from step 4" in resumed.stdout
+  def in_flight():  # a save that started after step 8 was logged has not finished
+    return any(s >= 8 for s in _checkpoints(workdir)[1])
 
-  a, b = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
-  assert sorted(a) == sorted(b) == list(range(1, 13))
-  for step in a:
-    assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
-  assert len(set(a.values())) > 6  # the losses move: equality is not between constants
+  proc = _start(cmd, workdir)
+  while True:  # in flight: if the save finished before SIGSTOP landed, wait for the next one
+    done, saving = _freeze_when(proc, workdir,
+                                between if moment == "between_checkpoints" else in_flight)
+    if moment == "between_checkpoints" or saving:
+      break
+    proc.send_signal(signal.SIGCONT)
+  proc.kill()
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  logged = max(_losses(workdir))
+  assert logged < TOTAL
+  if moment == "save_in_flight":
+    assert saving and max(saving) > max(done, default=0)
+  else:
+    assert logged > max(done)  # it logged steps its checkpoints do not have
+  _assert_resumes_exactly(cmd, workdir, max(done, default=None), full_losses)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_current_step_exits_0_and_resumes_exactly(
+    shapes_data_dir, tmp_path, full_losses):
+  workdir = tmp_path / "preempted"
+  cmd = ["--config", TINY, "--workdir", str(workdir), *_flags(shapes_data_dir)]
+  proc = _start(cmd, workdir)
+  _freeze_when(proc, workdir, lambda: max(_losses(workdir), default=0) >= 6)
+  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signal.SIGCONT)
+  assert proc.wait(timeout=300) == 0
+  out = open(f"{workdir}.out").read()
+  m = re.search(r"^bigvl: SIGTERM: checkpointed step (\d+), exiting$", out, re.M)
+  assert m, out
+  step = int(m.group(1))
+  assert 6 <= step < TOTAL
+  assert max(_checkpoints(workdir)[0]) == step and not _checkpoints(workdir)[1]
+  assert max(_losses(workdir)) == step  # it stopped right there
+  _assert_resumes_exactly(cmd, workdir, step, full_losses)

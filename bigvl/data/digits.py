@@ -12,17 +12,22 @@ No network: the images ship inside the packages.
 ``src[i] -> {"image": uint8 [H, W, 1], "label": int, "index": int}`` (``index`` = ``i``, the
 position in that source, e.g. for Temporal Ensembling's per-example accumulator), so
 ``grain.MapDataset.source(src)`` works. ``src.images`` / ``src.labels`` hold the whole arrays.
-``labeled_indices(src.labels, num_labels, seed)`` picks the class-balanced labeled subset of a
-train split; ``src.subset(idx)`` makes a source of it. As in FixMatch / MixMatch, the unlabeled
-set is usually the whole train split (labels ignored), labeled images included.
+``bigvl.data.labels.labeled_indices(src.labels, num_labels, seed)`` picks a class-balanced
+labeled subset of a train split (it also draws the stratified test split here);
+``bigvl.data.streams.IndexedSubset(src, idx)`` is a source of it. As in FixMatch / MixMatch,
+the unlabeled set is usually the whole train split (labels ignored), labeled images included.
+
+Both are registered as ``embedded:<name>`` datasets (``bigvl.data.sources``).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
 import numpy as np
+
+from bigvl.data import sources
+from bigvl.data.labels import labeled_indices
 
 NAMES = ("mnist5k", "digits8x8")
 SPLITS = ("train", "test", "all")
@@ -57,11 +62,6 @@ class ArraySource:
   def __getitem__(self, index: int) -> dict:
     index = int(index)
     return {"image": self.images[index], "label": int(self.labels[index]), "index": index}
-
-  def subset(self, indices: Sequence[int] | np.ndarray) -> ArraySource:
-    """A new source over ``indices`` (copied; its ``index`` field counts from 0)."""
-    idx = np.asarray(indices, np.int64)
-    return ArraySource(self.images[idx], self.labels[idx], name=f"{self.name}[subset]")
 
   def __repr__(self) -> str:
     return f"ArraySource({self.name!r}, n={len(self)}, image_shape={self.image_shape})"
@@ -119,24 +119,5 @@ def load_split(name: str, split: str) -> ArraySource:
   return ArraySource(images[idx], labels[idx], name=f"{name}:{split}")
 
 
-def labeled_indices(labels: np.ndarray, num_labels: int, seed: int) -> np.ndarray:
-  """Seeded class-balanced choice of ``num_labels`` positions: ``num_labels / K`` per class.
-
-  ``K`` is the number of distinct values in ``labels``; ``num_labels`` must be a multiple of
-  it (as in the SSL benchmarks: 40 / 250 / 4000 labels on CIFAR-10). Returns sorted int64
-  indices into ``labels``; the same ``(labels, num_labels, seed)`` gives the same indices, and
-  a larger ``num_labels`` with the same seed gives a superset per class.
-  """
-  labels = np.asarray(labels)
-  classes = np.unique(labels)
-  if num_labels <= 0 or num_labels % len(classes):
-    raise ValueError(f"num_labels={num_labels} must be a positive multiple of {len(classes)}")
-  per_class = num_labels // len(classes)
-  rng = np.random.default_rng(seed)
-  picks = []
-  for c in classes:
-    members = np.flatnonzero(labels == c)
-    if len(members) < per_class:
-      raise ValueError(f"class {c} has {len(members)} examples < {per_class} requested")
-    picks.append(members[rng.permutation(len(members))[:per_class]])
-  return np.sort(np.concatenate(picks)).astype(np.int64)
+for _name in NAMES:
+  sources.register_embedded(_name, functools.partial(load_split, _name), SPLITS)

@@ -6,18 +6,25 @@
   data dir, then read with ``tfds.data_source``;
 * any TFDS dataset already prepared as ArrayRecord under the data dir (``'coco_captions'``,
   ``'cifar10'``, ...): the path real users take with a config change;
-* ``'embedded:<name>'``: real data a package ships (``bigvl/data/digits.py``: MNIST-5k,
-  sklearn's 8x8 digits).
+* ``'embedded:<name>'``: real data an installed package ships, from the registry of
+  :func:`register_embedded` (filled by the modules in :data:`EMBEDDED_PROVIDERS`).
 
 The data dir is ``config.input.data_dir``, else ``$BIGVL_DATA``, else ``~/tensorflow_datasets``.
+
+TensorFlow is only TFDS's engine for preparing a dataset here: its start-up logging and TFDS's
+download/prepare messages are kept out of the user's output (:func:`_quiet_tfds`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
+import io
 import logging
 import os
 import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bigvl import registry
@@ -26,8 +33,59 @@ from bigvl.config import ConfigError
 log = logging.getLogger(__name__)
 
 
+#: Modules that register ``embedded:`` datasets when imported (first use of the prefix).
+EMBEDDED_PROVIDERS = ("bigvl.data.digits",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedded:
+  """An ``embedded:<name>`` dataset: ``load(split) -> random-access source``."""
+
+  load: Callable[[str], Any]
+  splits: tuple[str, ...]
+
+
+_EMBEDDED: dict[str, Embedded] = {}
+
+
+def register_embedded(name: str, load: Callable[[str], Any], splits: Sequence[str]) -> None:
+  """Makes ``config.input.dataset = 'embedded:<name>'`` read ``load(split)``, ``split`` one
+  of ``splits``."""
+  _EMBEDDED[name] = Embedded(load, tuple(splits))
+
+
+def embedded_names() -> list[str]:
+  """The registered ``embedded:`` dataset names (imports :data:`EMBEDDED_PROVIDERS`)."""
+  for module in EMBEDDED_PROVIDERS:
+    importlib.import_module(module)
+  return sorted(_EMBEDDED)
+
+
+def _embedded_source(name: str, split: str) -> Any:
+  if name not in embedded_names():
+    raise ConfigError(f"unknown dataset 'embedded:{name}'; embedded datasets: "
+                      f"{', '.join(embedded_names())}")
+  entry = _EMBEDDED[name]
+  if split not in entry.splits:
+    raise ConfigError(f"dataset 'embedded:{name}' has no split {split!r}; splits: "
+                      f"{', '.join(entry.splits)}")
+  return entry.load(split)
+
+
 def data_dir(explicit: str | None = None) -> str:
   return os.path.expanduser(explicit or os.environ.get("BIGVL_DATA") or "~/tensorflow_datasets")
+
+
+def _quiet_tfds():
+  """Imports ``tensorflow_datasets`` with TensorFlow's C++ start-up logging off (oneDNN's
+  notice, absl's pre-init warning: TF reads these variables when it loads; a value the user
+  set wins) and TFDS's progress bars off."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF only encodes images here
+  import tensorflow_datasets as tfds
+
+  tfds.disable_progress_bar()
+  return tfds
 
 
 class SkippingSource:
@@ -54,7 +112,7 @@ class SkippingSource:
 
 def tfds_builder(name: str, root: str):
   """The TFDS builder for ``name`` (``'ds'`` or ``'ds/config'``), prepared if it is ours."""
-  import tensorflow_datasets as tfds
+  tfds = _quiet_tfds()
 
   base = name.split("/")[0].split(":")[0]
   own = base in registry.available("data.builders")
@@ -85,9 +143,10 @@ def _prepare_locked(builder: Any, root: str) -> None:
     try:
       if not builder.is_prepared():
         print(f"bigvl: preparing {builder.info.full_name} under {root} (once)", flush=True)
-        import tensorflow_datasets as tfds
-        tfds.disable_progress_bar()
-        builder.download_and_prepare(file_format="array_record")
+        # TFDS prints "Downloading and preparing dataset Unknown size ..." and "Dataset ...
+        # downloaded and prepared ..." to stdout; nothing is downloaded here.
+        with contextlib.redirect_stdout(io.StringIO()):
+          builder.download_and_prepare(file_format="array_record")
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -99,9 +158,7 @@ def get_source(name: str, split: str, root: str | None = None) -> tuple[Any, Any
     raise ConfigError(f"config.input.dataset must be a dataset name, got {name!r}")
   root = data_dir(root)
   if name.startswith("embedded:"):
-    from bigvl.data import digits
-    src = digits.load_split(name.split(":", 1)[1], split)
-    return SkippingSource(src, name), None
+    return SkippingSource(_embedded_source(name.split(":", 1)[1], split), name), None
   builder = tfds_builder(name, root)
   if split.split("[")[0] not in builder.info.splits:
     raise ConfigError(f"dataset {name!r} has no split {split!r}; splits: "

@@ -8,9 +8,9 @@ Conventions:
 
 * ``logits``: [B, C] (any leading dims work where noted); probabilities ``p``, ``q``: [B, C],
   rows summing to one. Everything is computed in float32.
-* Distance functions (``mse``, ``kl_divergence``, ``js_divergence``, ``entropy``,
-  ``cross_entropy``) return **per-example** values of shape ``[B]`` (the class axis, the last,
-  is reduced); the caller averages, masks or weights them.
+* Distance functions (``mse``, ``kl_divergence``, ``entropy``, ``cross_entropy``) return
+  **per-example** values of shape ``[B]`` (the class axis, the last, is reduced); the caller
+  averages, masks or weights them.
 * ``*_loss`` functions return a **scalar**, the mean over the whole batch (masked-out examples
   count as zeros in the mean, as in FixMatch and UDA).
 * Targets are not ``stop_gradient``-ed by the distance functions; the ``*_loss`` functions and
@@ -86,20 +86,6 @@ def kl_divergence(p_target: Array, q_logits: Array) -> Array:
   p = p_target.astype(jnp.float32)
   logq = jax.nn.log_softmax(q_logits.astype(jnp.float32), axis=-1)
   return jnp.sum(_xlogx(p) - p * logq, axis=-1)
-
-
-def js_divergence(p: Array, q: Array) -> Array:
-  """Per-example Jensen-Shannon divergence of two distributions (natural log, in [0, log 2]).
-
-  ``JS(p, q) = 1/2 KL(p || m) + 1/2 KL(q || m)``, ``m = (p + q) / 2``; a symmetric, bounded
-  consistency distance (listed in Ouali et al. 2020, Sec. 3, among the consistency measures).
-  """
-  p = p.astype(jnp.float32)
-  q = q.astype(jnp.float32)
-  m = 0.5 * (p + q)
-  kl_pm = jnp.sum(_xlogx(p) - p * _safe_log(m), axis=-1)
-  kl_qm = jnp.sum(_xlogx(q) - q * _safe_log(m), axis=-1)
-  return 0.5 * (kl_pm + kl_qm)
 
 
 def entropy(logits: Array) -> Array:

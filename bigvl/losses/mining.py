@@ -43,14 +43,12 @@ class MiningResult(NamedTuple):
   positives: [N, M] float32 0/1, base OR mined.
   base: [N, M] float32 0/1, the owner positives alone.
   num_mined: scalar int32, the pairs positive in ``positives`` but not in ``base``.
-  mined_per_row: [N] int32, ``num_mined`` per image.
   num_ii, num_tt, num_it: scalar int32, the non-base pairs each test fires on (they may overlap,
     so they can sum to more than ``num_mined``).
   """
   positives: Array
   base: Array
   num_mined: Array
-  mined_per_row: Array
   num_ii: Array
   num_tt: Array
   num_it: Array
@@ -100,11 +98,9 @@ def mine_positives(zimg: Array, ztxt: Array, txt_owner_ids: Array, *,
     it = _cos(zimg, ztxt) >= thr_it
 
   pos = base | ii | tt | it
-  mined = pos & ~base
   count = lambda x: jnp.sum(x & ~base, dtype=jnp.int32)
   return MiningResult(
       positives=pos.astype(jnp.float32),
       base=base.astype(jnp.float32),
-      num_mined=jnp.sum(mined, dtype=jnp.int32),
-      mined_per_row=jnp.sum(mined, axis=1, dtype=jnp.int32),
+      num_mined=count(pos),
       num_ii=count(ii), num_tt=count(tt), num_it=count(it))

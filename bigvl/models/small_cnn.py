@@ -60,15 +60,16 @@ class SmallCNN(nn.Module):
 
 
 def from_config(cfg, num_classes: int) -> SmallCNN:
-  """``config.model`` (``name='small_cnn'``): ``width`` (32), ``stages`` (3), ``bn_momentum``
-  (0.99), ``bn_epsilon`` (1e-3), ``dropout_rate`` (0), ``dtype``."""
-  from bigvl.config import check_choice, positive_int
-  from bigvl.models.wide_resnet import _DTYPES
+  """``config.model`` (``name='small_cnn'``): ``width``, ``stages``, ``bn_momentum``,
+  ``bn_epsilon``, ``dropout_rate``, ``dtype``; an unset key keeps :class:`SmallCNN`'s
+  default."""
+  from bigvl.config import positive_int
+  from bigvl.models import dtypes
 
-  dtype = _DTYPES[check_choice("config.model.dtype", cfg.get("dtype", "float32"), _DTYPES)]
-  return SmallCNN(num_classes=num_classes, width=positive_int(cfg, "width", 32),
-                  stages=positive_int(cfg, "stages", 3),
-                  bn_momentum=float(cfg.typed("bn_momentum", float, 0.99)),
-                  bn_epsilon=float(cfg.typed("bn_epsilon", float, 1e-3)),
-                  dropout_rate=float(cfg.typed("dropout_rate", (float, int), 0.0)),
-                  dtype=dtype)
+  m = SmallCNN
+  return SmallCNN(num_classes=num_classes, width=positive_int(cfg, "width", m.width),
+                  stages=positive_int(cfg, "stages", m.stages),
+                  bn_momentum=float(cfg.typed("bn_momentum", float, m.bn_momentum)),
+                  bn_epsilon=float(cfg.typed("bn_epsilon", float, m.bn_epsilon)),
+                  dropout_rate=float(cfg.typed("dropout_rate", (float, int), m.dropout_rate)),
+                  dtype=dtypes.from_config(cfg, m.dtype))

@@ -50,15 +50,14 @@ class TwoTower(nn.Module):
             self.b)
 
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
 def from_config(cfg, *, vocab_size: int, max_len: int) -> TwoTower:
   """``config.model``: ``image`` (ViT fields), ``text`` (TextTransformer fields), ``embed_dim``,
-  ``temperature_init``, ``bias_init``, ``dtype``."""
-  from bigvl.config import ConfigError, check_choice
+  ``temperature_init``, ``bias_init``, ``dtype``; an unset key keeps :class:`TwoTower`'s
+  default."""
+  from bigvl.config import ConfigError
+  from bigvl.models import dtypes
 
-  dtype = _DTYPES[check_choice("config.model.dtype", cfg.get("dtype", "float32"), _DTYPES)]
+  m = TwoTower
   image, text = cfg.image.to_dict(), cfg.text.to_dict()
   # Round the embedding table up so that it shards evenly over any mesh axis.
   text.update(vocab_size=-(-vocab_size // 64) * 64, max_len=max_len)
@@ -66,6 +65,8 @@ def from_config(cfg, *, vocab_size: int, max_len: int) -> TwoTower:
     unknown = set(fields) - set(cls.__dataclass_fields__) - {"parent", "name"}
     if unknown:
       raise ConfigError(f"config.model.{name} has unknown fields {sorted(unknown)}")
-  return TwoTower(image=image, text=text, embed_dim=cfg.typed("embed_dim", int, 128),
-                  temperature_init=float(cfg.typed("temperature_init", (float, int), 10.0)),
-                  bias_init=float(cfg.typed("bias_init", (float, int), -10.0)), dtype=dtype)
+  return TwoTower(image=image, text=text, embed_dim=cfg.typed("embed_dim", int, m.embed_dim),
+                  temperature_init=float(cfg.typed("temperature_init", (float, int),
+                                                   m.temperature_init)),
+                  bias_init=float(cfg.typed("bias_init", (float, int), m.bias_init)),
+                  dtype=dtypes.from_config(cfg, m.dtype))

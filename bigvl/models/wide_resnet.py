@@ -117,9 +117,6 @@ class WideResNet(nn.Module):
     return classifier_head(x, self.num_classes, self.dropout_rate, train, self.dtype)
 
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
 def classifier_head(x: jax.Array, num_classes: int, dropout_rate: float, train: bool,
                     dtype: Any) -> jax.Array:
   """Global average pooling -> dropout (train only) -> dense ``head`` -> float32 logits.
@@ -134,16 +131,19 @@ def classifier_head(x: jax.Array, num_classes: int, dropout_rate: float, train: 
 
 
 def from_config(cfg, num_classes: int) -> WideResNet:
-  """``config.model`` (``name='wide_resnet'``): ``depth`` (28), ``width`` (2),
-  ``bn_momentum`` (0.999), ``bn_epsilon`` (1e-3), ``dropout_rate`` (0), ``dtype``."""
-  from bigvl.config import ConfigError, check_choice, positive_int
+  """``config.model`` (``name='wide_resnet'``): ``depth``, ``width``, ``bn_momentum``,
+  ``bn_epsilon``, ``dropout_rate``, ``dtype``; an unset key keeps :class:`WideResNet`'s
+  default."""
+  from bigvl.config import ConfigError, positive_int
+  from bigvl.models import dtypes
 
-  depth = positive_int(cfg, "depth", 28)
+  m = WideResNet
+  depth = positive_int(cfg, "depth", m.depth)
   if (depth - 4) % 6:
     raise ConfigError(f"config.model.depth must be 6n + 4, got {depth}")
-  dtype = _DTYPES[check_choice("config.model.dtype", cfg.get("dtype", "float32"), _DTYPES)]
-  return WideResNet(depth=depth, width=positive_int(cfg, "width", 2), num_classes=num_classes,
-                    bn_momentum=float(cfg.typed("bn_momentum", float, 0.999)),
-                    bn_epsilon=float(cfg.typed("bn_epsilon", float, 1e-3)),
-                    dropout_rate=float(cfg.typed("dropout_rate", (float, int), 0.0)),
-                    dtype=dtype)
+  return WideResNet(depth=depth, width=positive_int(cfg, "width", m.width),
+                    num_classes=num_classes,
+                    bn_momentum=float(cfg.typed("bn_momentum", float, m.bn_momentum)),
+                    bn_epsilon=float(cfg.typed("bn_epsilon", float, m.bn_epsilon)),
+                    dropout_rate=float(cfg.typed("dropout_rate", (float, int), m.dropout_rate)),
+                    dtype=dtypes.from_config(cfg, m.dtype))

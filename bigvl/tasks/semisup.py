@@ -43,7 +43,9 @@ Evaluation (``bigvl/tasks/base.py``): eval kind ``'image_label'``; prediction fu
 
 Config read: ``method``, ``seed``, ``semisup.*``, ``input.{dataset, data_dir, train_split,
 num_labels, label_seed, batch_size, num_threads, flip, max_translate, strong_num_ops,
-strong_ops, image_key, label_key, mean, std}``, ``model.{name, ...}`` (``wide_resnet`` |
+strong_ops, image_key, label_key, mean, std, transforms, unlabeled_transforms}``
+(``transforms`` / ``unlabeled_transforms``: op-spec lists that replace the default labeled /
+unlabeled pipelines, see ``_default_transforms``), ``model.{name, ...}`` (``wide_resnet`` |
 ``small_cnn``).
 """
 
@@ -59,7 +61,7 @@ from jax.sharding import Mesh
 
 from bigvl import parallel, registry
 from bigvl.config import ConfigError, Reader, check_choice, positive_int
-from bigvl.data import augment, pipeline, sources, streams
+from bigvl.data import augment, pipeline, sources, streams, transforms
 from bigvl.data.labels import labeled_indices
 from bigvl.losses import consistency as C
 from bigvl.tasks import base
@@ -141,6 +143,13 @@ class Task(base.Task):
       raise ConfigError(f"config.input.strong_ops: unknown ops {bad}; known: "
                         f"{', '.join(augment.OPS)}")
 
+    labeled, unlabeled = self._default_transforms()
+    self.labeled_transform = transforms.build(
+        inp.typed("transforms", (list, tuple), labeled), where=f"{inp.path}.transforms")
+    self.unlabeled_transform = transforms.build(
+        inp.typed("unlabeled_transforms", (list, tuple), unlabeled),
+        where=f"{inp.path}.unlabeled_transforms") if self.views else None
+
     train_split = inp.typed("train_split", str, "train")
     self.train_source, info = sources.get_source(self.dataset, train_split, self.data_dir)
     labels = streams.read_labels(self.train_source, self.label_key)
@@ -198,22 +207,23 @@ class Task(base.Task):
     the shared forward, the label guess or the teacher)."""
     return self.batch_size + self.unlabeled_batch_size * len(self.views)
 
-  def _view(self, kind: str, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    if kind == "weak":
-      return augment.weak_augment(image, rng, flip=self.flip, max_translate=self.max_translate)
-    return augment.strong_augment(image, rng, flip=self.flip, max_translate=self.max_translate,
-                                  num_ops=self.strong_num_ops, ops=self.strong_ops)
-
-  def labeled_transform(self, ex: dict, rng: np.random.Generator) -> dict:
-    return {"image": self._view("weak", np.asarray(ex[self.image_key]), rng),
-            "label": np.int32(ex[self.label_key])}
-
-  def unlabeled_transform(self, ex: dict, rng: np.random.Generator) -> dict:
-    """The method's views stacked ``[V, H, W, C]``, the example's ``index`` in the unlabeled
-    set and its true ``label`` (-1 if none; only for the ``u_acc`` diagnostic, never a loss)."""
-    image = np.asarray(ex[self.image_key])
-    return {"image": np.stack([self._view(v, image, rng) for v in self.views]),
-            "index": np.int32(ex["index"]), "label": np.int32(ex.get(self.label_key, -1))}
+  def _default_transforms(self) -> tuple[list, list]:
+    """The labeled and unlabeled pipelines as op specs (``bigvl.data.transforms``):
+    labeled -> ``{'image': weak view, 'label'}``; unlabeled -> ``{'image': the method's views
+    stacked [V, H, W, C], 'index': its row in the unlabeled set, 'label': -1 if none (only
+    for the ``u_acc`` diagnostic, never a loss)}``."""
+    img = [] if self.image_key == "image" else [{"op": "copy", "args": [{self.image_key:
+                                                                          "image"}]}]
+    view = {"weak": {"op": "weak", "flip": self.flip, "max_translate": self.max_translate},
+            "strong": {"op": "strong", "flip": self.flip, "max_translate": self.max_translate,
+                       "num_ops": self.strong_num_ops, "ops": list(self.strong_ops)}}
+    labeled = [*img, view["weak"], {"op": "cast", "key": self.label_key, "out": "label"},
+               {"op": "keep", "keys": ["image", "label"]}]
+    unlabeled = [*img, {"op": "views", "args": [[view[v]] for v in self.views], "out": "image"},
+                 {"op": "cast", "key": "index"},
+                 {"op": "cast", "key": self.label_key, "out": "label", "default": -1},
+                 {"op": "keep", "keys": ["image", "index", "label"]}]
+    return labeled, unlabeled
 
   def train_data(self, seed: int) -> streams.ZipIterator:
     ds = {"labeled": pipeline.batched(
