@@ -202,7 +202,9 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, sched: optax.S
     params = optax.apply_updates(state["params"], updates)
     extra = task.after_step(merge_params(params, frozen), extra, step)
     gnorm = optax.global_norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    # A finite loss and gradient can still give a non-finite update (an overflowing lr or
+    # optimizer state): refuse that too, so a bad state is never kept or checkpointed.
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(optax.global_norm(updates))
     new = {"params": params, "opt_state": opt_state, "extra": extra}
     kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new,
                         {k: state[k] for k in new})

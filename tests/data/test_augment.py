@@ -97,6 +97,42 @@ def test_strong_augment_changes_more_than_weak():
   assert sum(not np.array_equal(s, im) for s in strong) >= 15
 
 
+def test_rand_augment_changes_images_without_cutout():
+  """With Cutout, flip and translation off, what changes the image is RandAugment alone: most
+  draws of 2 ops change it (identity-only draws and posterize at 8 bits do not), and with only
+  ``identity`` to draw from nothing changes."""
+  im = _image((32, 32, 3), 4)
+  off = dict(max_translate=0.0, flip=False, cutout_max_fraction=0.0)
+  rng = np.random.default_rng(2)
+  outs = [A.strong_augment(im, rng, **off) for _ in range(40)]
+  assert sum(not np.array_equal(o, im) for o in outs) >= 32
+  assert len({o.tobytes() for o in outs}) >= 32  # different ops / magnitudes each time
+  for s in range(10):
+    np.testing.assert_array_equal(
+        A.strong_augment(im, np.random.default_rng(s), ops=("identity",), **off), im)
+
+
+@pytest.mark.parametrize("name", [n for n in A.OPS if n != "identity"])
+def test_rand_augment_applies_the_drawn_op(name):
+  """``rand_augment`` with one op to draw from and ``num_ops=1`` gives that op's output at some
+  magnitude: one of the op's outputs on a fine grid of levels (either sign for the signed
+  ops), to within 1 (a blend factor between two grid points rounds either way)."""
+  im = _image((16, 16, 3), 5)
+  if name in ("autocontrast", "equalize"):
+    im = (im // 4 + 60).astype(np.uint8)  # a narrow range, so that they change the image
+  levels = np.linspace(0.0, 1.0, 2001)
+  # default_rng(2) makes ``_signed`` draw +, default_rng(0) - (checked in _sign's test).
+  candidates = np.stack([A.OPS[name](im, float(lv), np.random.default_rng(k))
+                         for lv in levels for k in (2, 0)]).astype(np.int16)
+  changed = 0
+  for s in range(6):
+    out = A.rand_augment(im, np.random.default_rng(s), num_ops=1, ops=(name,))
+    dist = np.abs(candidates - out.astype(np.int16)).reshape(len(candidates), -1).max(1)
+    assert dist.min() <= 1, (name, s)
+    changed += not np.array_equal(out, im)
+  assert changed >= 4, name
+
+
 def _pil(im):
   return Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im)
 
@@ -131,6 +167,49 @@ def test_numpy_ops_match_pil(shape):
                                                                    c))
     np.testing.assert_array_equal(A.solarize(im, 0.5, None),
                                   _np(ImageOps.solarize(_pil(im), 128), c))
+
+
+def _pil_affine(im, matrix):
+  """PIL's own inverse-affine warp: output pixel (x, y) samples input (a x + b y + c,
+  d x + e y + f), nearest neighbour, black fill."""
+  img = _pil(im)
+  out = img.transform(img.size, Image.AFFINE, tuple(matrix), resample=Image.NEAREST,
+                      fillcolor=0 if im.shape[-1] == 1 else (0, 0, 0))
+  return _np(out, im.shape[-1])
+
+
+def _sign(seed):
+  """The sign ``_signed`` draws first from ``default_rng(seed)``: + if random() < 0.5."""
+  return 1.0 if np.random.default_rng(seed).random() < 0.5 else -1.0
+
+
+@pytest.mark.parametrize("shape", [(28, 28, 1), (9, 13, 3)])
+@pytest.mark.parametrize("level", [0.3, 1.0])
+def test_geometric_ops_match_pil(shape, level):
+  """rotate / shear / translate against PIL on matrices written out here: rotate is PIL's
+  ``Image.rotate`` about the centre (by -angle: the op's matrix turns the other way), shears
+  are ``x + s (y - h/2)`` (resp. ``y + s (x - w/2)``) about the centre, translations shift by
+  0.3 level of the size."""
+  im = _image(shape, 6)
+  h, w = shape[:2]
+  assert (_sign(2), _sign(0)) == (1.0, -1.0)
+  for seed in (2, 0):
+    sg = _sign(seed)
+    angle = sg * 30.0 * level
+    want = _np(_pil(im).rotate(-angle, resample=Image.NEAREST, fillcolor=(
+        0 if shape[-1] == 1 else (0, 0, 0))), shape[-1])
+    got = A.rotate(im, level, np.random.default_rng(seed))
+    np.testing.assert_array_equal(got, want, err_msg=f"rotate {seed}")
+    assert np.mean(np.any(got != im, axis=-1)) > 0.3 * level
+    s = sg * 0.3 * level
+    for name, matrix in (("shear_x", (1, s, -s * h / 2, 0, 1, 0)),
+                         ("shear_y", (1, 0, 0, s, 1, -s * w / 2)),
+                         ("translate_x", (1, 0, sg * 0.3 * level * w, 0, 1, 0)),
+                         ("translate_y", (1, 0, 0, 0, 1, sg * 0.3 * level * h))):
+      got = A.OPS[name](im, level, np.random.default_rng(seed))
+      np.testing.assert_array_equal(got, _pil_affine(im, matrix), err_msg=f"{name} {seed}")
+      if level == 1.0:  # a shift of at least a pixel somewhere
+        assert not np.array_equal(got, im), name
 
 
 def test_geometric_ops_keep_centre():

@@ -1,10 +1,14 @@
 """Embedded digit sources: sizes, splits, determinism, class-balanced labeled subsets."""
 
+import hashlib
+
 import grain
 import numpy as np
 import pytest
 
 from bigvl.data import digits
+from bigvl.data.labels import labeled_indices
+from bigvl.data.streams import IndexedSubset
 
 
 @pytest.mark.parametrize("name,n_train,n_test,shape", [("mnist5k", 4000, 1000, (28, 28, 1)),
@@ -27,9 +31,25 @@ def test_train_test_disjoint_and_cover(name):
   tr, te = digits.split_indices(name, "train"), digits.split_indices(name, "test")
   assert len(np.intersect1d(tr, te)) == 0
   np.testing.assert_array_equal(np.union1d(tr, te), digits.split_indices(name, "all"))
-  # No duplicate images across the split by content either (by index they are disjoint).
   all_ = digits.load_split(name, "all")
   np.testing.assert_array_equal(digits.load_split(name, "test").images, all_.images[te])
+
+
+def _hashes(images):
+  return [hashlib.sha256(im.tobytes()).hexdigest() for im in images]
+
+
+@pytest.mark.parametrize("name", digits.NAMES)
+def test_no_test_image_is_also_a_train_image(name):
+  """Disjoint by content, not only by index: no test image (pixel for pixel) occurs in the
+  train split, and neither split holds an image twice."""
+  train, test = (_hashes(digits.load_split(name, s).images) for s in ("train", "test"))
+  assert not set(train) & set(test)
+  assert len(set(train)) == len(train) and len(set(test)) == len(test)
+  # The hash sees every pixel: a copy of a train image planted in the test split is found.
+  planted = digits.load_split(name, "test").images.copy()
+  planted[7] = digits.load_split(name, "train").images[123]
+  assert set(_hashes(planted)) & set(train) == {train[123]}
 
 
 def test_deterministic():
@@ -53,30 +73,31 @@ def test_digits_rescaled():
 
 def test_labeled_indices_balanced_and_seeded():
   labels = digits.load_split("mnist5k", "train").labels
-  idx = digits.labeled_indices(labels, 40, seed=1)
+  idx = labeled_indices(labels, 40, seed=1)
   assert len(idx) == 40 and len(np.unique(idx)) == 40 and np.all(np.diff(idx) > 0)
   np.testing.assert_array_equal(np.bincount(labels[idx], minlength=10), 4)
-  np.testing.assert_array_equal(idx, digits.labeled_indices(labels, 40, seed=1))
-  assert not np.array_equal(idx, digits.labeled_indices(labels, 40, seed=2))
-  assert set(idx) <= set(digits.labeled_indices(labels, 250, seed=1))
+  np.testing.assert_array_equal(idx, labeled_indices(labels, 40, seed=1))
+  assert not np.array_equal(idx, labeled_indices(labels, 40, seed=2))
+  assert set(idx) <= set(labeled_indices(labels, 250, seed=1))
   with pytest.raises(ValueError):
-    digits.labeled_indices(labels, 45, seed=0)
+    labeled_indices(labels, 45, seed=0)
   with pytest.raises(ValueError):
-    digits.labeled_indices(np.array([0, 0, 1]), 4, seed=0)
+    labeled_indices(np.array([0, 0, 1]), 4, seed=0)
 
 
 def test_labeled_indices_small_example():
   labels = np.array([0, 1, 0, 1, 2, 2, 2])
-  idx = digits.labeled_indices(labels, 3, seed=0)
+  idx = labeled_indices(labels, 3, seed=0)
   np.testing.assert_array_equal(np.sort(labels[idx]), [0, 1, 2])
 
 
 def test_subset_and_grain():
   train = digits.load_split("digits8x8", "train")
-  idx = digits.labeled_indices(train.labels, 20, seed=0)
-  sub = train.subset(idx)
+  idx = labeled_indices(train.labels, 20, seed=0)
+  sub = IndexedSubset(train, idx)
   assert len(sub) == 20
-  np.testing.assert_array_equal(sub.images, train.images[idx])
+  np.testing.assert_array_equal(np.stack([sub[i]["image"] for i in range(20)]),
+                                train.images[idx])
   ds = grain.MapDataset.source(sub).map(lambda e: e["label"])
   assert [ds[i] for i in range(len(ds))] == list(train.labels[idx])
   batch = next(iter(grain.MapDataset.source(train).batch(4).to_iter_dataset()))

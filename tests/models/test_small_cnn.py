@@ -33,3 +33,30 @@ def test_dropout_needs_rng_only_in_train():
   out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"],
                        rngs={"dropout": jax.random.key(1)})
   assert out.shape == (2, 3)
+
+
+def test_dropout_acts_in_train_mode_only():
+  """Train mode: different dropout rngs give different logits, the same rng the same ones,
+  and the mean over many masks is the logits without dropout (inverted dropout scales kept
+  units by 1 / (1 - rate)). Eval mode: the logits of the same model without dropout."""
+  x = jax.random.normal(jax.random.key(2), (4, 8, 8, 1))
+  model = SmallCNN(num_classes=5, width=8, dropout_rate=0.5)
+  plain = SmallCNN(num_classes=5, width=8, dropout_rate=0.0)
+  variables = model.init(jax.random.key(0), x, train=False)
+
+  def train_logits(key):
+    return model.apply(variables, x, train=True, mutable=["batch_stats"],
+                       rngs={"dropout": key})[0]
+
+  a, b, a2 = (train_logits(jax.random.key(k)) for k in (1, 2, 1))
+  assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
+  np.testing.assert_array_equal(a, a2)
+  no_drop = plain.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+  mean = jax.jit(jax.vmap(train_logits))(jax.random.split(jax.random.key(3), 1000)).mean(0)
+  scale = float(np.abs(np.asarray(a) - np.asarray(no_drop)).max())
+  np.testing.assert_allclose(mean, no_drop, atol=0.1 * scale)
+
+  ev = model.apply(variables, x, train=False)
+  np.testing.assert_allclose(ev, plain.apply(variables, x, train=False), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(ev, model.apply(variables, x, train=False,
+                                                rngs={"dropout": jax.random.key(5)}))

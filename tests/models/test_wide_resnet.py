@@ -1,5 +1,6 @@
 """WideResNet-28-2 (SSL variant): size, shapes, batch-norm behaviour, global-batch statistics."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,13 +39,34 @@ def test_output_shapes(shape):
       variables["batch_stats"])
 
 
-def test_bf16_compute_runs():
+def _hlo_ops(model, variables, x, op):
+  """The lines of the lowered (StableHLO) eval forward that are ``op``s."""
+  text = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).as_text()
+  return [ln for ln in text.splitlines() if f"stablehlo.{op}" in ln]
+
+
+def test_bf16_compute_is_bf16():
+  """dtype=bfloat16: parameters stay float32, every convolution and the classifier's dot run
+  in bfloat16 (the lowered program says so), the logits come back float32 and close to, but
+  not bitwise equal to, the float32 model's."""
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
   model = WideResNet(depth=10, width=1, num_classes=3, dtype=jnp.bfloat16)
-  x = jnp.ones((2, 8, 8, 1))
+  f32 = WideResNet(depth=10, width=1, num_classes=3)
   variables = model.init(jax.random.key(0), x, train=False)
-  assert jax.tree_util.tree_leaves(variables["params"])[0].dtype == jnp.float32
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables["params"]))
+  convs = _hlo_ops(model, variables, x, "convolution")
+  dots = _hlo_ops(model, variables, x, "dot_general")
+  assert len(convs) == 1 + 3 * 2 + 2 and len(dots) == 1  # stem, 3 blocks, 2 shortcuts; head
+  for ln in convs + dots:
+    operands, result = ln.rsplit(":", 1)[1].split("->")
+    assert operands.count("bf16>") == 2 and "bf16>" in result, ln
+  assert not any("bf16" in ln for ln in _hlo_ops(f32, variables, x, "convolution"))
+
   out = model.apply(variables, x, train=False)
+  ref = f32.apply(variables, x, train=False)
   assert out.dtype == jnp.float32 and np.all(np.isfinite(out))
+  assert np.abs(np.asarray(out) - np.asarray(ref)).max() > 0  # really computed in bf16
+  np.testing.assert_allclose(out, ref, rtol=0.05, atol=0.05 * float(np.abs(ref).max()))
 
 
 def test_batch_norm_train_updates_eval_does_not():
@@ -81,7 +103,7 @@ def test_running_mean_matches_momentum_formula():
   x = jax.random.normal(jax.random.key(2), (4, 8, 8, 1)) + 2.0
   variables = model.init(jax.random.key(0), x, train=False)
   _, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
-  kernel = variables["params"]["stem"]["kernel"]
+  kernel = nn.meta.unbox(variables["params"]["stem"]["kernel"])
   stem = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
   want = 0.001 * jnp.mean(stem, axis=(0, 1, 2))
