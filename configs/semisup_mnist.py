@@ -28,8 +28,8 @@ def get_config(arg=None):
                  mean=(0.1307,), std=(0.3081,))
   # RandAugment without its photometric ops for natural images: on white-on-black digits
   # solarize erases the strokes (leaving outlines), contrast / brightness fade the digit into
-  # a flat field and color does nothing on one channel (docs/semisup.md: with them FixMatch
-  # and UDA lose 3-5 points of test error at 1,000 tiny steps).
+  # a flat field and color does nothing on one channel (with them: the ablation table
+  # docs/results/semisup_mnist_full_randaugment.md).
   c.input.strong_ops = DIGIT_OPS
   # VAT's eps is an L2 norm on normalised inputs: 2.0 in 0..1 pixel units (Miyato et al.'s
   # MNIST value) is ~6.5 after dividing by MNIST's std 0.31.
@@ -37,7 +37,7 @@ def get_config(arg=None):
     c.semisup.eps = 6.5
   if tiny:
     # 4 stages: a 17-pixel receptive field before the pooling (3 stages see only 9x9 patches
-    # of a 28x28 digit: 31% vs 15% test error with 100 labels, supervised, 500 steps).
+    # of a 28x28 digit).
     c.model = mlc.ConfigDict({"name": "small_cnn", "width": TINY_WIDTH, "stages": 4,
                               "bn_momentum": 0.99})
     c.input.num_threads = 1
