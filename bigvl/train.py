@@ -202,16 +202,19 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, sched: optax.S
     params = optax.apply_updates(state["params"], updates)
     extra = task.after_step(merge_params(params, frozen), extra, step)
     gnorm = optax.global_norm(grads)
-    # A finite loss and gradient can still give a non-finite update (an overflowing lr or
-    # optimizer state): refuse that too, so a bad state is never kept or checkpointed.
-    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(optax.global_norm(updates))
+    # A finite loss and gradient still give a non-finite update under a non-finite learning
+    # rate: refuse that too, so such a state is never kept or checkpointed. (Checking the
+    # update tensors themselves would add a consumer to them, which changes XLA's fusion and
+    # so the last bits of every step: the committed results would no longer reproduce.)
+    lr = sched(step)
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm) & jnp.isfinite(lr)
     new = {"params": params, "opt_state": opt_state, "extra": extra}
     kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new,
                         {k: state[k] for k in new})
     skipped = state["skipped"] + (1 - ok.astype(jnp.int32))
     out = {**kept, "frozen": frozen, "step": step + 1, "rng": state["rng"],
            "skipped": skipped}
-    aux = {**aux, "loss": loss, "grad_norm": gnorm, "lr": sched(step),
+    aux = {**aux, "loss": loss, "grad_norm": gnorm, "lr": lr,
            "skipped_steps": skipped}
     return out, aux
 

@@ -92,7 +92,8 @@ def test_non_finite_step_is_refused_and_counted():
 
 
 def test_non_finite_update_from_finite_gradients_is_refused():
-  """lr = inf: the loss and the gradient are finite, the update is not; the old state stays."""
+  """lr = inf: the loss and the gradient are finite, the update is not; the old state stays
+  (without the learning-rate check the params become -inf and the step counts as good)."""
   task = _Linear(None, None)
   params = {"w": jnp.ones((3,))}
   tx = optax.sgd(np.inf)

@@ -2,7 +2,7 @@
 workdir is reused only for exactly that run.
 
 A run's key is its full command line (config, arg, every override, seed) plus the code
-version: the commit and a hash of any uncommitted change under ``bigvl/`` and ``configs/``.
+version: a hash of the contents of ``bigvl/`` and ``configs/``.
 ``--workdir`` runs store the key in ``run_key.json``; a workdir whose key differs (other
 overrides, other code) is never reused: it is cleared and the run starts again.
 """
@@ -19,20 +19,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def code_version() -> str:
-  """``<commit>`` or ``<commit>+<hash of the uncommitted diff of bigvl/ and configs/>``."""
-  def git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True,
-                          check=True).stdout
-  commit = git("rev-parse", "--short=12", "HEAD").strip()
-  diff = git("diff", "HEAD", "--", "bigvl", "configs")
-  untracked = git("ls-files", "--others", "--exclude-standard", "bigvl", "configs")
-  if not diff and not untracked:
-    return commit
-  h = hashlib.sha256(diff.encode())
-  for path in sorted(untracked.split()):
-    with open(os.path.join(REPO, path), "rb") as f:
-      h.update(path.encode() + f.read())
-  return f"{commit}+{h.hexdigest()[:12]}"
+  """A hash of the code a run executes: the contents of ``bigvl/`` and ``configs/`` as they
+  are in the working tree (tracked files with uncommitted changes and untracked files
+  included), so commits that touch only docs or bench scripts keep finished runs valid."""
+  files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard",
+                          "bigvl", "configs"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.split()
+  h = hashlib.sha256()
+  for path in sorted(set(files)):
+    full = os.path.join(REPO, path)
+    if os.path.isfile(full):
+      with open(full, "rb") as f:
+        h.update(path.encode() + b"\0" + f.read() + b"\0")
+  return f"code-{h.hexdigest()[:12]}"
 
 
 def prepare_workdir(workdir: str, cmd: list[str], code: str) -> bool:
