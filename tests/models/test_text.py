@@ -70,11 +70,13 @@ def test_padding_after_eos_changes_nothing(pool):
   assert np.abs(np.asarray(other)[:2] - np.asarray(outs[0][0])[:2]).max() > 1e-2
 
 
+def _pooled_and_per_token(pool):
+  model = _model(pool)
+  return model.apply({"params": _params(model)}, jnp.asarray(_tokens(12)))
+
+
 def test_eos_pooling_picks_the_last_real_token():
-  model = _model("eos")
-  params = _params(model)
-  tokens = _tokens(12)
-  pooled, per_token = model.apply({"params": params}, jnp.asarray(tokens))
+  pooled, per_token = _pooled_and_per_token("eos")
   for i, s in enumerate(SEQS):
     np.testing.assert_array_equal(pooled[i], per_token[i, len(s) - 1])
     # and not any other position
@@ -83,10 +85,7 @@ def test_eos_pooling_picks_the_last_real_token():
 
 
 def test_mean_pooling_is_the_masked_mean():
-  model = _model("mean")
-  params = _params(model)
-  tokens = _tokens(12)
-  pooled, per_token = model.apply({"params": params}, jnp.asarray(tokens))
+  pooled, per_token = _pooled_and_per_token("mean")
   for i, s in enumerate(SEQS):
     np.testing.assert_allclose(pooled[i], np.asarray(per_token[i, :len(s)]).mean(0),
                                rtol=1e-5, atol=1e-6)
