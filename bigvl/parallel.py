@@ -208,7 +208,7 @@ def state_shardings(state: Any, names: dict[str, tuple], rules: Sequence, mesh: 
           leaf_names = cand
           break
     if leaf_names is None:
-      if parts_head(name) in param_parts and shape:
+      if name.partition("/")[0] in param_parts and shape:
         unnamed.append((name, math.prod(shape)))
       spec = PartitionSpec()
     else:
@@ -228,10 +228,6 @@ def state_shardings(state: Any, names: dict[str, tuple], rules: Sequence, mesh: 
     log.warning("sharding: %s (%s values) is replicated on every device of a mesh with "
                 "model axes %s", name, f"{size:,}", dict(mesh.shape))
   return out
-
-
-def parts_head(path: str) -> str:
-  return path.partition("/")[0]
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -5,7 +5,8 @@
 * everything is built and the config audited (unknown keys, bad values) before compiling;
 * the train step is one ``jax.jit`` with in/out shardings from the parameters' logical axes
   and ``config.logical_axis_rules``; frozen parameters are held, never differentiated;
-  a step whose loss or gradient is not finite is refused (state unchanged) and counted;
+  a step whose loss, gradient or learning rate is not finite is refused (state unchanged)
+  and counted;
 * orbax checkpoints carry params, optimizer state, task state, step, rng and the data
   iterator's state: re-running the same command resumes and continues exactly;
 * metrics go to ``metrics.jsonl``, TensorBoard and a progress line; evaluators run every
@@ -121,7 +122,7 @@ def read_init_from(r: Reader | None) -> list[checkpoint.WeightSource]:
     what = f"{c.path}.path"
     path = c.typed("path", str)
     dst = c.typed("dst", str, "params")
-    if parallel.parts_head(dst) not in ("params", "extra"):
+    if dst.partition("/")[0] not in ("params", "extra"):
       raise ConfigError(f"{c.path}.dst={dst!r} must start with 'params' or 'extra'")
     # Read (and checked) only when a run starts fresh: a resumed run never needs the files.
     out.append(checkpoint.WeightSource(path=os.path.expanduser(path), dst=dst,

@@ -62,16 +62,6 @@ def eval_specs(num_captions: int, *, max_len: int = 16, image_size: int | None =
   return specs + [f"keep(('image', 'tokens'), optional={optional!r})"]
 
 
-def normalize_image(image: np.ndarray, size: int | None = None) -> np.ndarray:
-  """uint8 [H, W, C] -> float32 in [-1, 1], resized (bilinear) to ``size`` if given."""
-  return transforms.build(_image_specs(size, "image"))({"image": image})["image"]
-
-
-def texts_of(example: dict, key: str) -> list[str]:
-  """``example[key]`` as a list of captions (``transforms.texts_of``)."""
-  return transforms.texts_of(example[key])
-
-
 class ImageTextTransform:
   """The two-tower transforms: ``__call__(example, rng)`` runs the train pipeline (the default
   or ``train_specs``), ``eval(example, num_captions)`` the deterministic eval pipeline."""
@@ -120,6 +110,6 @@ def dataset_tokenizer(tokenizer_path: str | None, source: Any, text_key: str, ro
     for i in range(len(source)):
       ex = source[i]
       if ex is not None:
-        yield from texts_of(ex, text_key)
+        yield from transforms.texts_of(ex[text_key])
 
   return train_word_tokenizer(texts(), path, vocab_size)
