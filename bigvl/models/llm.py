@@ -33,8 +33,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bigvl.models import logical
+from bigvl.models import logical, splice
 from bigvl.models.lora import LoraConfig, Projection
+from bigvl.models.soft_prompt import SoftPrompt
 
 Cache = dict[str, jax.Array]
 #: remat policies by config name (``config.model.remat``).
@@ -62,6 +63,10 @@ class LLMConfig:
   remat: str = "none"
   dtype: Any = jnp.float32
   lora: LoraConfig = LoraConfig()
+  #: soft prompt: ``soft_prompt_tokens`` learned vectors replace the copies of
+  #: ``soft_prompt_id`` in the input (:mod:`bigvl.models.soft_prompt`).
+  soft_prompt_tokens: int = 0
+  soft_prompt_id: int = -1
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -208,12 +213,20 @@ class LLM(nn.Module):
                                                        "embed"), name="embed")
     self.layers = _scanned_layers(c)(c, name="layers")
     self.final_norm = RMSNorm(c.norm_eps, c.dtype, name="final_norm")
+    if c.soft_prompt_tokens:
+      self.soft_prompt = SoftPrompt(c.soft_prompt_tokens, c.width, name="soft_prompt")
     if not c.tie_embeddings:
       self.lm_head = Projection((c.vocab_size,), ("embed", "vocab"), dtype=c.dtype,
                                 name="lm_head")
 
   def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
-    return self.embed(input_ids).astype(self.config.dtype)
+    """Token embeddings ``[B, T, width]``; placeholder ids outside the vocabulary (image,
+    soft prompt) embed as id 0 until spliced; soft-prompt vectors are spliced in here."""
+    c = self.config
+    x = self.embed(splice.safe_ids(input_ids, c.vocab_size)).astype(c.dtype)
+    if c.soft_prompt_tokens:
+      x = splice.splice(x, input_ids, c.soft_prompt_id, self.soft_prompt())
+    return x
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     if self.config.tie_embeddings:

@@ -1,5 +1,19 @@
-"""Vision Transformer image tower (Dosovitskiy et al. 2021): patchify -> + learned position
-embedding -> pre-LN encoder -> pooling (``gap`` mean, ``map`` attention probe, ``tok`` CLS)."""
+"""Vision Transformer image tower (Dosovitskiy et al. 2021): patchify -> (+ CLS) + learned
+position embedding -> (pre-LN) -> pre-LN encoder -> final LN -> pooling (``gap`` mean, ``map``
+attention probe, ``tok`` CLS, ``none``).
+
+One encoder with options covers the public towers (``bigvl.convert.vision`` loads them):
+
+* CLIP (Radford et al. 2021): ``pool='tok'`` (pooled = final LN of the CLS token, HF's
+  ``post_layernorm``), ``pre_norm=True`` (HF's ``pre_layrnorm`` on ``patches + pos``),
+  ``patch_bias=False``, ``activation='quick_gelu'``, ``norm_eps=1e-5``.
+* SigLIP (Zhai et al. 2023): ``pool='map'`` (MAP head over the final-LN tokens),
+  ``patch_bias=True``, ``activation='gelu'`` (tanh), ``norm_eps=1e-6``; no CLS, no pre-LN.
+
+``__call__(images, feature_layer=k)`` returns hidden state ``k`` instead of the pooled output
+(HF ``hidden_states[k]``: ``0`` = the encoder input, ``-1`` = the last block's output, ``-2`` =
+the penultimate block's, no final LN), as LVLMs read their vision features.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from bigvl.models import logical
-from bigvl.models.transformer import Encoder, MAPHead
+from bigvl.models.transformer import Encoder, MAPHead, layer_norm
+
+POOLS = ("gap", "map", "tok", "none")
 
 
 class ViT(nn.Module):
@@ -20,32 +36,56 @@ class ViT(nn.Module):
   pool: str = "gap"
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
+  activation: str = "gelu"
+  norm_eps: float = 1e-6
+  patch_bias: bool = True
+  pre_norm: bool = False
+
+  @property
+  def has_cls(self) -> bool:
+    """Whether the token sequence starts with a CLS token (``pool='tok'``)."""
+    return self.pool == "tok"
+
+  def num_tokens(self, image_size: int) -> int:
+    """Tokens per ``image_size`` x ``image_size`` image (patches, + 1 with a CLS token)."""
+    return (image_size // self.patch_size) ** 2 + int(self.has_cls)
 
   @nn.compact
-  def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """images: [B, H, W, C] -> (pooled [B, width], tokens [B, N, width])."""
+  def __call__(self, images: jax.Array, *, feature_layer: int | None = None):
+    """images: [B, H, W, C] -> (pooled [B, width] (``None`` for ``pool='none'``), tokens
+    [B, N, width] after the final LayerNorm); with ``feature_layer``: hidden state
+    ``feature_layer`` [B, N, width] only (the pooling head is not run)."""
+    if self.pool not in POOLS:
+      raise ValueError(f"unknown pool {self.pool!r}; choose from {POOLS}")
     p = self.patch_size
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                use_bias=self.patch_bias,
                 kernel_init=logical.named(logical.DEFAULT_KERNEL_INIT, None, None, None,
                                           "embed"),
                 bias_init=logical.named(nn.initializers.zeros_init(), "embed"),
                 name="embedding")(images.astype(self.dtype))
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
-    if self.pool == "tok":
+    if self.has_cls:
       cls = self.param("cls", logical.named(nn.initializers.zeros, None, None, "embed"),
                        (1, 1, d), x.dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
     pos = self.param("pos_embedding", logical.named(nn.initializers.normal(0.02), None, None,
                                                     "embed"), (1, x.shape[1], d), x.dtype)
+    x = x + pos
+    if self.pre_norm:
+      x = layer_norm(self.norm_eps, dtype=self.dtype, name="pre_ln")(x)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.remat, self.dtype,
-                name="encoder")(x + pos)
+                self.activation, self.norm_eps, name="encoder")(x, layer=feature_layer)
+    if feature_layer is not None and not self.is_initializing():
+      return x
     if self.pool == "gap":
       pooled = x.mean(axis=1)
     elif self.pool == "map":
-      pooled = MAPHead(self.num_heads, self.mlp_dim, self.dtype, name="map_head")(x)
+      pooled = MAPHead(self.num_heads, self.mlp_dim, self.dtype, self.activation,
+                       self.norm_eps, name="map_head")(x)
     elif self.pool == "tok":
       pooled = x[:, 0]
     else:
-      raise ValueError(f"unknown pool {self.pool!r}")
-    return pooled, x
+      pooled = None
+    return x if feature_layer is not None else (pooled, x)

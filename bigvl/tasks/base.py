@@ -37,6 +37,8 @@ processes, for throughput: a semi-supervised step also reads ``mu * B`` unlabele
   ``'image_label'`` -> ``{'image', 'label'}``; ``'image_text'`` -> ``{'image', 'tokens'}``).
 * ``encode_texts(texts) -> {'tokens': [N, L] int32}``: host-side text encoding (zero-shot
   prompts), for tasks with a text model.
+* ``decode_texts(ids) -> [str]``: token ids (``[N, L]``, generated text) back to strings,
+  for tasks that generate.
 * ``dataset``, ``data_dir``: the default eval dataset and where datasets live.
 """
 
@@ -59,7 +61,7 @@ EvalTransform = Callable[[dict], dict]
 
 #: The task attributes an evaluator may use.
 EVAL_CONTRACT = ("dataset", "data_dir", "predict_fns", "eval_kinds", "eval_transform",
-                 "encode_texts")
+                 "encode_texts", "decode_texts")
 
 
 class TrainData(Protocol):
@@ -129,6 +131,9 @@ class Task:
 
   def encode_texts(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
     raise ConfigError(f"task {type(self).__module__} does not encode texts")
+
+  def decode_texts(self, ids: np.ndarray) -> list[str]:
+    raise ConfigError(f"task {type(self).__module__} does not decode texts")
 
 
 class EvalView:

@@ -6,6 +6,23 @@ spatial relation to the second one ("a red circle left of a blue square"), in se
 paraphrases per image. ``label`` is the largest object's "<colour> <shape>" (24 classes), used
 by zero-shot classification.
 
+Since 1.2.0 each example also has, all deterministic functions of the scene graph (no random
+draws, so every earlier field is bitwise what 1.1.0 gives):
+
+* ``caption``: the canonical short caption (:func:`canonical_caption`, the first paraphrase).
+* ``description``: an exhaustive description (:func:`describe`): the object count, then every
+  object, largest first, with its size word (:func:`size_word`, none for medium), colour,
+  shape, its cell of a 3x3 grid (:func:`position_word`) and, after the first, its relation to
+  the first (largest) object: "three shapes. a large red circle at the top left. a blue
+  square at the bottom, below the red circle. ..."
+* ``objects``: the scene graph, one entry per object in the same order: ``color``, ``shape``,
+  ``size`` (text) and ``x``, ``y`` (centre, fraction of the image, y down), ``r`` (radius).
+
+Every word any of these texts can contain is in :func:`vocabulary` (a fixed word list, so a
+word-level tokenizer for this dataset needs no training pass). ``version='1.1.0'`` (in
+``SUPPORTED_VERSIONS``, e.g. ``shapes_captions/small:1.1.0``) still prepares the old examples,
+bitwise.
+
 Builder configs:
 * ``default``: independent random scenes.
 * ``dups``: the flaw FFF fixes, in the train split: half of its scenes are jittered copies of
@@ -22,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -117,6 +135,74 @@ def _relation(a: dict, b: dict) -> tuple[str, str]:
   return ("above", "below") if dy > 0 else ("below", "above")
 
 
+#: radius thresholds of the size words: r < SIZE_BINS[0] small, r >= SIZE_BINS[1] large (the
+#: sampled radii are uniform in [0.09, 0.17]: about a third each).
+SIZE_BINS = (0.115, 0.145)
+SIZES = ("small", "medium", "large")
+_ROWS, _COLS = ("top", "", "bottom"), ("left", "", "right")
+_COUNTS = ("zero", "one", "two", "three", "four")
+
+
+def size_word(obj: dict) -> str:
+  """``'small'`` / ``'medium'`` / ``'large'`` by the radius (:data:`SIZE_BINS`)."""
+  return SIZES[int(obj["r"] >= SIZE_BINS[0]) + int(obj["r"] >= SIZE_BINS[1])]
+
+
+def position_word(obj: dict) -> str:
+  """The object's cell of a 3x3 grid of the image (thirds of x and y, y down): ``'top
+  left'``, ``'top'``, ..., ``'center'``, ..., ``'bottom right'``."""
+  row = _ROWS[min(int(obj["y"] * 3), 2)]
+  col = _COLS[min(int(obj["x"] * 3), 2)]
+  return " ".join(w for w in (row, col) if w) or "center"
+
+
+def canonical_caption(objs: list[dict]) -> str:
+  """The one short caption of a scene: ``captions``' first paraphrase, before shuffling."""
+  name = [f"{o['color']} {o['shape']}" for o in objs]
+  if len(objs) == 1:
+    return f"a {name[0]}"
+  rel, _ = _relation(objs[0], objs[1])
+  return f"a {name[0]} {rel} a {name[1]}" + "".join(f" and a {n}" for n in name[2:])
+
+
+def describe(objs: list[dict]) -> str:
+  """The exhaustive description (module docstring): ``"<count> shape(s)."`` then per object
+  ``"a [size ]<colour> <shape> at the <position>[, <relation> the <first object>]."``."""
+  n = len(objs)
+  parts = [f"{_COUNTS[n]} shape{'s' if n > 1 else ''}."]
+  first = f"{objs[0]['color']} {objs[0]['shape']}"
+  for i, o in enumerate(objs):
+    size = size_word(o)
+    text = f"a {'' if size == 'medium' else size + ' '}{o['color']} {o['shape']} at the " \
+           f"{position_word(o)}"
+    if i > 0:
+      text += f", {_relation(o, objs[0])[0]} the {first}"
+    parts.append(text + ".")
+  return " ".join(parts)
+
+
+def scene_graph(objs: list[dict]) -> dict[str, list]:
+  """The ``objects`` feature: parallel lists ``color``, ``shape``, ``size``, ``x``, ``y``,
+  ``r``, largest object first."""
+  return {"color": [o["color"] for o in objs], "shape": [o["shape"] for o in objs],
+          "size": [size_word(o) for o in objs],
+          **{k: [np.float32(o[k]) for o in objs] for k in ("x", "y", "r")}}
+
+
+#: the pre-tokenization of a word-level tokenizer (HF ``Whitespace``): words and punctuation.
+WORD_RE = re.compile(r"\w+|[^\w\s]+")
+
+
+def vocabulary() -> list[str]:
+  """Every word or punctuation mark ``captions``, ``canonical_caption`` and ``describe`` can
+  produce (lower case), sorted."""
+  words = set(COLORS) | set(SHAPES) | set(SIZES) | set(_COUNTS) | {"shape", "shapes"}
+  words |= {"a", "single", "there", "is", "picture", "of", "on", "dark", "background", "big",
+            "smaller", "and", "left", "right", "above", "below", "at", "the", "top", "bottom",
+            "center", ":", ".", ","}
+  return sorted(words)
+
+
 def captions(objs: list[dict], rng: np.random.Generator) -> list[str]:
   """NUM_CAPTIONS paraphrases of the scene; the largest object is always named first."""
   name = [f"{o['color']} {o['shape']}" for o in objs]
@@ -141,9 +227,18 @@ def captions(objs: list[dict], rng: np.random.Generator) -> list[str]:
 class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
   """Synthetic coloured-shapes scenes with generated captions (see module docstring)."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
+  #: older versions ``tfds.builder(..., version=...)`` still prepares, bitwise.
+  SUPPORTED_VERSIONS = [tfds.core.Version("1.1.0")]
   RELEASE_NOTES = {"1.0.0": "First release.",
-                   "1.1.0": "dups: 100 prototypes for half of the train scenes; clean eval splits."}
+                   "1.1.0": "dups: 100 prototypes for half of the train scenes; clean eval splits.",
+                   "1.2.0": "caption, description and objects (the scene graph); the 1.1.0 "
+                            "fields are unchanged."}
+
+  @property
+  def _has_scene_graph(self) -> bool:
+    """Whether this version has ``caption``, ``description`` and ``objects`` (>= 1.2.0)."""
+    return self.version >= "1.2.0"
   BUILDER_CONFIGS = [
       ShapesConfig(name="default", description="independent random scenes"),
       ShapesConfig(name="dups", description="half the train scenes copy 100 prototypes",
@@ -154,15 +249,25 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
+    features = {
+        "image": tfds.features.Image(shape=(size, size, 3)),
+        "captions": tfds.features.Sequence(tfds.features.Text(), length=NUM_CAPTIONS),
+        "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
+        "scene_id": np.int64,
+    }
+    if self._has_scene_graph:
+      text = tfds.features.Text()
+      features.update({
+          "caption": text,
+          "description": text,
+          "objects": tfds.features.Sequence({"color": text, "shape": text, "size": text,
+                                             "x": np.float32, "y": np.float32,
+                                             "r": np.float32}),
+      })
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(size, size, 3)),
-            "captions": tfds.features.Sequence(tfds.features.Text(), length=NUM_CAPTIONS),
-            "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
-            "scene_id": np.int64,
-        }),
+        features=tfds.features.FeaturesDict(features),
         homepage="https://github.com/bigvl",
     )
 
@@ -186,7 +291,11 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
         objs = jitter_scene(protos[scene_id], rng)
       else:
         objs, scene_id = sample_scene(rng), cfg.num_prototypes + i
-      yield i, {"image": render(objs, cfg.image_size),
-                "captions": captions(objs, rng),
-                "label": CLASS_NAMES.index(f"{objs[0]['color']} {objs[0]['shape']}"),
-                "scene_id": scene_id}
+      example = {"image": render(objs, cfg.image_size),
+                 "captions": captions(objs, rng),
+                 "label": CLASS_NAMES.index(f"{objs[0]['color']} {objs[0]['shape']}"),
+                 "scene_id": scene_id}
+      if self._has_scene_graph:  # no random draws: the fields above stay as in 1.1.0
+        example.update(caption=canonical_caption(objs), description=describe(objs),
+                       objects=scene_graph(objs))
+      yield i, example
