@@ -12,10 +12,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +25,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from bigvl.config import ConfigError, Reader
+from bigvl.models import logical
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -110,6 +112,13 @@ DEFAULT_LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("classes", None),
     ("norm", None),         # LayerNorm / BatchNorm scales and biases
     ("layers", None),       # the stacked axis of scanned layers
+    # activations (``nn.with_logical_constraint`` in the models; applied in the train step)
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
 )
 #: A parameter of at least this many values that ends up replicated on a mesh with model
 #: axes (fsdp * tensor > 1) is reported.
@@ -135,10 +144,11 @@ def check_logical_rules(rules: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 
 def logical_to_spec(names: Sequence[str | None], shape: tuple[int, ...], rules: Sequence,
-                    mesh: Mesh, what: str = "") -> PartitionSpec:
+                    mesh: Mesh, what: str = "", quiet: bool = False) -> PartitionSpec:
   """Logical dimension names -> a PartitionSpec: each dimension takes the first rule for its
   name whose mesh axes this spec does not use yet. A dimension the mesh axes do not divide
-  is replicated, with a warning naming ``what`` (never silently)."""
+  is replicated, with a warning naming ``what`` (never silently) -- unless ``quiet`` (an
+  activation, e.g. a decode batch of 1: left to the compiler)."""
   used: set[str] = set()
   out = []
   for dim, (size, name) in enumerate(zip(shape, names, strict=True)):
@@ -149,8 +159,9 @@ def logical_to_spec(names: Sequence[str | None], shape: tuple[int, ...], rules: 
         break
     n = math.prod(mesh.shape[a] for a in axes)
     if axes and size % n:
-      log.warning("sharding: %s dim %d (size %d, %r) not divisible by mesh axes %s (%d): "
-                  "replicated", what, dim, size, name, axes, n)
+      if not quiet:
+        log.warning("sharding: %s dim %d (size %d, %r) not divisible by mesh axes %s (%d): "
+                    "replicated", what, dim, size, name, axes, n)
       axes = ()
     used.update(axes)
     out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
@@ -169,6 +180,32 @@ def logical_names(tree: Any) -> dict[str, tuple[str | None, ...]]:
     if isinstance(leaf, nn.Partitioned):
       out[path_str(path)] = tuple(leaf.names)
   return out
+
+
+@contextlib.contextmanager
+def activation_rules(rules: Sequence, mesh: Mesh) -> Iterator[None]:
+  """Binds ``rules`` and ``mesh`` for the models' activation constraints
+  (:func:`bigvl.models.logical.constrain`) while a step is traced."""
+  token = logical.ACTIVATION_RULES.set((tuple(rules), mesh))
+  try:
+    yield
+  finally:
+    logical.ACTIVATION_RULES.reset(token)
+
+
+class WithActivationRules:
+  """A jitted function traced (on call or ``lower``) under :func:`activation_rules`."""
+
+  def __init__(self, jitted: Any, rules: Sequence, mesh: Mesh):
+    self.jitted, self.rules, self.mesh = jitted, rules, mesh
+
+  def __call__(self, *args):
+    with activation_rules(self.rules, self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with activation_rules(self.rules, self.mesh):
+      return self.jitted.lower(*args)
 
 
 def unbox(tree: Any) -> Any:

@@ -116,7 +116,9 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Run
 def read_init_from(r: Reader | None) -> list[checkpoint.WeightSource]:
   """``config.init_from.<name> = {path, dst='params', src=None}``: weights read into the
   state after a fresh init (never on resume), e.g. a previous run's image tower
-  ``{path: '/runs/siglip', dst: 'params/img'}`` or a ``.safetensors`` file."""
+  ``{path: '/runs/siglip', dst: 'params/img'}``, a ``.safetensors`` file, or a Hugging Face
+  checkpoint directory (``config.json`` + safetensors: :func:`bigvl.convert.weight_sources`
+  maps its names and layouts, e.g. ``{path: '/ckpt/Qwen2-0.5B', dst: 'params/llm'}``)."""
   out = []
   for _, c in (r.items() if r is not None else ()):
     what = f"{c.path}.path"
@@ -124,9 +126,19 @@ def read_init_from(r: Reader | None) -> list[checkpoint.WeightSource]:
     dst = c.typed("dst", str, "params")
     if dst.partition("/")[0] not in ("params", "extra"):
       raise ConfigError(f"{c.path}.dst={dst!r} must start with 'params' or 'extra'")
+    src = c.typed("src", str, None)
+    path = os.path.expanduser(path)
     # Read (and checked) only when a run starts fresh: a resumed run never needs the files.
-    out.append(checkpoint.WeightSource(path=os.path.expanduser(path), dst=dst,
-                                       src=c.typed("src", str, None), what=what))
+    # A Hugging Face checkpoint: only its config.json is read here (gone on resume: skipped).
+    if os.path.isfile(os.path.join(path, "config.json")):
+      from bigvl import convert
+
+      if src is not None:
+        raise ConfigError(f"{c.path}.src={src!r}: not used for a Hugging Face checkpoint "
+                          f"({path}); its names come from its config.json model_type")
+      out.extend(convert.weight_sources(path, dst, what=what))
+      continue
+    out.append(checkpoint.WeightSource(path=path, dst=dst, src=src, what=what))
   return out
 
 
@@ -269,9 +281,11 @@ def compile_run(run: Run, example_batch: Any) -> Compiled:
     return load_pretrained(jit_init(batch), run.weights)
 
   batch_sh = jax.tree.map(lambda _: parallel.batch_sharding(run.mesh), example_batch)
-  step = jax.jit(make_train_step(run.task, run.tx, run.schedule, run.microbatches),
-                 in_shardings=(shardings, batch_sh),
-                 out_shardings=(shardings, parallel.replicated(run.mesh)), donate_argnums=0)
+  jitted = jax.jit(make_train_step(run.task, run.tx, run.schedule, run.microbatches),
+                   in_shardings=(shardings, batch_sh),
+                   out_shardings=(shardings, parallel.replicated(run.mesh)), donate_argnums=0)
+
+  step = parallel.WithActivationRules(jitted, run.rules, run.mesh)
   return Compiled(init, step, abstract, shardings, check_weights)
 
 

@@ -137,7 +137,7 @@ class Attention(nn.Module):
     kk = _proj(c, (k, hd), ("embed", "heads", "kv"), "k", c.qkv_bias)(y)
     v = _proj(c, (k, hd), ("embed", "heads", "kv"), "v", c.qkv_bias)(y)
     q, kk = rope(q, positions, c.rope_theta), rope(kk, positions, c.rope_theta)
-    q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "kv"))
+    q = logical.constrain(q, "batch", "length", "act_heads", "kv")
     if cache is not None:
       at = (i, 0, cache_index, 0, 0)
       cache = {"k": jax.lax.dynamic_update_slice(cache["k"], kk[None].astype(cache["k"].dtype),
@@ -160,7 +160,7 @@ class SwiGLU(nn.Module):
     c = self.config
     gate = _proj(c, (c.mlp_dim,), ("embed", "mlp"), "gate")(y)
     up = _proj(c, (c.mlp_dim,), ("embed", "mlp"), "up")(y)
-    hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+    hidden = logical.constrain(nn.silu(gate) * up, "batch", "length", "act_mlp")
     return _proj(c, (c.width,), ("mlp", "embed"), "down")(hidden)
 
 
@@ -176,10 +176,9 @@ class DecoderLayer(nn.Module):
     c = self.config
     y = RMSNorm(c.norm_eps, c.dtype, name="input_norm")(x)
     a, cache = Attention(c, name="attn")(y, positions, mask, cache, i, cache_index)
-    x = nn.with_logical_constraint(x + a, ("batch", "length", "act_embed"))
+    x = logical.constrain(x + a, "batch", "length", "act_embed")
     y = RMSNorm(c.norm_eps, c.dtype, name="post_attn_norm")(x)
-    x = nn.with_logical_constraint(x + SwiGLU(c, name="mlp")(y),
-                                   ("batch", "length", "act_embed"))
+    x = logical.constrain(x + SwiGLU(c, name="mlp")(y), "batch", "length", "act_embed")
     return (x, cache, i + 1), None
 
 
@@ -233,8 +232,7 @@ class LLM(nn.Module):
       out = self.embed.attend(hidden.astype(self.config.dtype))
     else:
       out = self.lm_head(hidden)
-    return nn.with_logical_constraint(out.astype(jnp.float32),
-                                      ("batch", "length", "act_vocab"))
+    return logical.constrain(out.astype(jnp.float32), "batch", "length", "act_vocab")
 
   def __call__(self, input_ids: jax.Array | None = None, *,
                inputs_embeds: jax.Array | None = None, positions: jax.Array | None = None,
@@ -242,8 +240,7 @@ class LLM(nn.Module):
                cache: Cache | None = None, cache_index: jax.Array | int = 0,
                return_hidden: bool = False):
     x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-    x = nn.with_logical_constraint(x.astype(self.config.dtype),
-                                   ("batch", "length", "act_embed"))
+    x = logical.constrain(x.astype(self.config.dtype), "batch", "length", "act_embed")
     b, t = x.shape[:2]
     num_keys = t if cache is None else cache["k"].shape[2]
     q_slots = cache_index + jnp.arange(t)

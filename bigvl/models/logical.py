@@ -11,10 +11,12 @@ values as the unannotated layers.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
 
 Initializer = Callable[..., Any]
 DEFAULT_KERNEL_INIT = nn.linear.default_kernel_init
@@ -44,3 +46,21 @@ def batch_norm_inits() -> dict[str, Initializer]:
   """``scale_init`` / ``bias_init`` keyword arguments of ``nn.BatchNorm`` (``norm``-named)."""
   return {"scale_init": named(nn.initializers.ones_init(), "norm"),
           "bias_init": named(nn.initializers.zeros_init(), "norm")}
+
+
+#: ``(rules, mesh)`` while a train step is traced (``bigvl.parallel.activation_rules``).
+ACTIVATION_RULES: contextvars.ContextVar = contextvars.ContextVar("activation_rules",
+                                                                  default=None)
+
+
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
+  """Shards activation ``x`` by logical ``names`` (``'batch'``, ``'length'``, ``'act_embed'``
+  ...) when a step binds rules and a mesh; otherwise (init, a bare ``apply``) returns ``x``."""
+  bound = ACTIVATION_RULES.get()
+  if bound is None:
+    return x
+  from bigvl.parallel import logical_to_spec  # noqa: PLC0415 (parallel imports this module)
+
+  rules, mesh = bound
+  spec = logical_to_spec(names, x.shape, rules, mesh, quiet=True)
+  return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
