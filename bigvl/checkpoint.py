@@ -93,27 +93,36 @@ class WeightSource:
   """Weights in files to read into part of a train state after a fresh init.
 
   * ``path``: a bigvl run (its workdir, ``checkpoints/`` or one step directory: the newest
-    step is read) or a ``.safetensors`` file.
+    step is read), a ``.safetensors`` file, or a directory of safetensors (a Hugging Face
+    checkpoint: one ``model.safetensors`` or shards with ``model.safetensors.index.json``).
   * ``dst``: where they go, a ``'/'``-joined prefix of the state *view*: ``'params'`` (the
     whole model, trainable and frozen leaves alike), ``'params/img'``, ``'extra/teacher'``.
   * ``src``: the matching prefix in the file (default: ``dst``; for safetensors, a key
     prefix, default none). Below the prefixes the leaf paths are the same, unless
-    ``key_fn(rel_path) -> file key`` says otherwise (a public checkpoint's naming).
-  * ``convert(rel_path, array) -> array``: a per-leaf conversion (e.g. a transpose), applied
-    to the host array before it is placed (safetensors only).
+    ``key_fn(rel_path)`` says otherwise (a public checkpoint's naming). For safetensors it
+    may return a list of keys: the leaf is then their stack on axis 0 (``nn.scan``-stacked
+    layers: one tensor per layer), or None: the leaf is not in the file and keeps its init
+    (e.g. LoRA adapters).
+  * ``convert(rel_path, array) -> array``: a per-tensor conversion (a transpose, a reshape
+    -- per layer for stacked leaves), applied to the host array before it is placed
+    (safetensors only). Shapes are checked after it; it is also called once on a
+    zero-strided stand-in of each tensor to learn the converted shape, so it should only
+    rearrange (views) there.
   * ``what``: where it came from, for error messages (``'config.init_from.lm'``).
   """
 
   path: str
   dst: str = "params"
   src: str | None = None
-  key_fn: Callable[[str], str] | None = None
+  key_fn: Callable[[str], str | list[str] | None] | None = None
   convert: Callable[[str, np.ndarray], np.ndarray] | None = None
   what: str = "weights"
 
   @property
   def is_safetensors(self) -> bool:
-    return self.path.endswith(".safetensors")
+    from bigvl.convert import safetensors_io
+
+    return self.path.endswith(".safetensors") or safetensors_io.holds_safetensors(self.path)
 
 
 def step_dir(path: str, what: str = "checkpoint") -> str:
@@ -168,17 +177,22 @@ def _bigvl_leaves(directory: str, what: str) -> dict[str, Any]:
 
 
 class _Plan:
-  """Which file entry fills which target leaf: ``{target rel path: file key}``."""
+  """Which file entries fill which target leaf: ``{target rel path: file key or [keys]}``
+  (leaves whose ``key_fn`` gives None are left out)."""
 
   def __init__(self, source: WeightSource, targets: dict[str, Any]):
     self.source = source
     if source.is_safetensors:
-      if not os.path.isfile(source.path):
-        raise ConfigError(f"{source.what}: no such file {source.path!r}")
-      from safetensors import safe_open
+      from bigvl.convert import safetensors_io
 
-      with safe_open(source.path, framework="numpy") as f:
-        self.available = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+      if not os.path.exists(source.path):
+        raise ConfigError(f"{source.what}: no such file {source.path!r}")
+      try:
+        self.files = safetensors_io.key_files(source.path)
+        with safetensors_io.TensorReader(self.files) as reader:
+          self.available = reader.shapes()
+      except ConfigError as e:
+        raise ConfigError(f"{source.what}: {e}") from None
       prefix = f"{source.src}." if source.src else ""
       default_key = lambda rel: prefix + rel.replace("/", ".")
     else:
@@ -190,17 +204,43 @@ class _Plan:
       src = source.src or source.dst
       default_key = lambda rel: f"{src}/{rel}" if rel else src
     key_fn = source.key_fn or default_key
-    self.keys = {rel: key_fn(rel) for rel in targets}
+    self.keys = {rel: key for rel in targets if (key := key_fn(rel)) is not None}
+    if not source.is_safetensors and any(isinstance(k, list) for k in self.keys.values()):
+      raise ConfigError(f"{source.what}: stacked keys (lists) are for safetensors only")
     for rel, key in self.keys.items():
       want = tuple(targets[rel].shape)
-      if key not in self.available:
-        close = difflib.get_close_matches(key, list(self.available), n=1)
-        hint = f" (closest: {close[0]!r})" if close else ""
-        raise ConfigError(f"{source.what}: {source.path} has no {key!r} for "
-                          f"{source.dst}/{rel}{hint}")
-      if self.available[key] != want:
-        raise ConfigError(f"{source.what}: {key!r} is {self.available[key]} in {source.path} "
-                          f"but {source.dst}/{rel} is {want} in this model")
+      if isinstance(key, list):
+        if len(key) != (want[0] if want else -1):
+          raise ConfigError(f"{source.what}: {len(key)} tensors stacked for "
+                            f"{source.dst}/{rel}, whose shape is {want} in this model")
+        for i, k in enumerate(key):
+          self._check(k, rel, want[1:], f"layer {i} of {source.dst}/{rel} {want}")
+      else:
+        self._check(key, rel, want, f"{source.dst}/{rel}")
+
+  def _check(self, key: str, rel: str, want: tuple[int, ...], target: str) -> None:
+    """ConfigError unless the file has ``key`` of shape ``want`` (after ``convert``) for
+    ``target`` (the leaf, or one layer of it, in words)."""
+    source = self.source
+    if key not in self.available:
+      close = difflib.get_close_matches(key, list(self.available), n=1)
+      hint = f" (closest: {close[0]!r})" if close else ""
+      raise ConfigError(f"{source.what}: {source.path} has no {key!r} for {target}{hint}")
+    got = self.available[key]
+    if source.is_safetensors and source.convert is not None:
+      try:
+        got = tuple(source.convert(rel, np.broadcast_to(np.zeros((), np.float32), got)).shape)
+      except Exception as e:  # noqa: BLE001 -- a conversion that does not fit the shape
+        raise ConfigError(f"{source.what}: {key!r} of shape {self.available[key]} in "
+                          f"{source.path} cannot be converted for {target} "
+                          f"({type(e).__name__}: {e})") from None
+      if got != want:
+        raise ConfigError(f"{source.what}: {key!r} is {self.available[key]} in "
+                          f"{source.path} (converted: {got}) but {target} is {want} in "
+                          f"this model")
+    if got != want:
+      raise ConfigError(f"{source.what}: {key!r} is {got} in {source.path} "
+                        f"but {target} is {want} in this model")
 
 
 def check_weights(source: WeightSource, targets: dict[str, Any]) -> None:
@@ -214,23 +254,21 @@ def read_weights(source: WeightSource, targets: dict[str, jax.ShapeDtypeStruct]
   """Reads ``targets`` (``{rel path below source.dst: ShapeDtypeStruct with a sharding}``)
   from ``source``, each array straight into its shards: orbax partial restore for bigvl
   checkpoints (nothing else of that state is read), per-shard slices of the memory-mapped
-  file for safetensors. Returns ``{rel path: jax.Array}`` with the targets' dtypes."""
+  file for safetensors. Returns ``{rel path: jax.Array}`` with the targets' dtypes (leaves
+  whose ``key_fn`` gives None are left out).
+
+  A stacked leaf (``key_fn`` gives a list) is read inside each shard's callback, one layer
+  tensor at a time and only the layers and the slice that shard holds: host memory peaks at
+  about one layer's tensor (with ``convert``; its slice without), never the whole leaf."""
   plan = _Plan(source, targets)
   if source.is_safetensors:
-    from safetensors import safe_open
+    from bigvl.convert.safetensors_io import TensorReader
 
-    out = {}
-    with safe_open(source.path, framework="numpy") as f:
-      for rel, key in plan.keys.items():
-        t = targets[rel]
-        if source.convert is None:
-          sl = f.get_slice(key)
-          fetch = lambda idx, sl=sl, t=t: np.asarray(sl[idx], dtype=t.dtype)
-        else:
-          full = np.asarray(source.convert(rel, f.get_tensor(key)), dtype=t.dtype)
-          fetch = lambda idx, full=full: full[idx]
-        out[rel] = jax.make_array_from_callback(t.shape, t.sharding, fetch)
-    return out
+    with TensorReader(plan.files) as reader:
+      return {rel: jax.make_array_from_callback(
+                  targets[rel].shape, targets[rel].sharding,
+                  _fetcher(reader, source, rel, key, targets[rel].dtype))
+              for rel, key in plan.keys.items()}
   stored = {plan.stored_at[key]: (rel, targets[rel]) for rel, key in plan.keys.items()}
   item = _nest({p: jax.ShapeDtypeStruct(t.shape, t.dtype) for p, (_, t) in stored.items()})
   restore = _nest({p: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
@@ -239,3 +277,31 @@ def read_weights(source: WeightSource, targets: dict[str, jax.ShapeDtypeStruct]
   got = _flat(ocp.PyTreeCheckpointer().restore(os.path.join(plan.directory, "state"),
                                                args=args))
   return {rel: got[p] for p, (rel, _) in stored.items()}
+
+
+def _fetcher(reader: Any, source: WeightSource, rel: str, key: str | list[str], dtype: Any
+             ) -> Callable[[tuple], np.ndarray]:
+  """The ``jax.make_array_from_callback`` callback of one safetensors leaf: ``index`` (a
+  tuple of slices of the target) -> that part of the (converted, stacked) file data."""
+  convert = source.convert
+  if isinstance(key, list):
+    def fetch_stacked(index: tuple) -> np.ndarray:
+      index = tuple(index)
+      layer_index, rest = (index[0], index[1:]) if index else (slice(None), ())
+      parts = []
+      for k in key[layer_index]:  # only the layers this shard holds, one at a time
+        if convert is None:
+          parts.append(np.asarray(reader.slice(k, rest), dtype=dtype))
+        else:
+          parts.append(np.asarray(convert(rel, reader.get(k))[rest], dtype=dtype))
+      return np.stack(parts)
+    return fetch_stacked
+  if convert is None:
+    return lambda index: np.asarray(reader.slice(key, tuple(index)), dtype=dtype)
+  full: list[np.ndarray] = []  # read and converted on first use, shared by the leaf's shards
+
+  def fetch(index: tuple) -> np.ndarray:
+    if not full:
+      full.append(np.asarray(convert(rel, reader.get(key)), dtype=dtype))
+    return full[0][tuple(index)]
+  return fetch

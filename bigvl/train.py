@@ -428,7 +428,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
       for name, ev, every in run.evaluators:
         if step % every == 0 or step == run.total_steps:
           t0 = time.perf_counter()
-          res = ev.run(model_params(state), state["extra"])
+          # evaluators that write files (generated captions) get the step and workdir
+          out = {"step": step, "workdir": workdir} if getattr(ev, "writes_outputs", False) else {}
+          res = ev.run(model_params(state), state["extra"], **out)
           res = {f"{name}/{k}": float(v) for k, v in res.items()}
           writer.write(step, res)
           last_eval.update(res)

@@ -161,7 +161,9 @@ class TensorReader:
   def slice(self, key: str, index: tuple) -> np.ndarray:
     """``tensor[index]`` (a tuple of slices, as ``jax.make_array_from_callback`` gives),
     reading only that part of the file."""
-    return as_numpy(self._handle(key).get_slice(key)[index])
+    if not index:  # a scalar, or the whole tensor
+      return self.get(key)
+    return as_numpy(self._handle(key).get_slice(key)[tuple(index)])
 
 
 def save(directory: str, tensors: dict[str, np.ndarray], config: dict | None = None,

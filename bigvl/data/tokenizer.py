@@ -19,7 +19,9 @@ added is a choice, made once per tokenizer and overridable per call:
   Truncation cuts the text, never BOS or EOS: ``ids[: max_len - #special]``.
 
 The word-level tokenizer trained here has ids 0 = ``[PAD]``, 1 = ``[UNK]``, 2 = ``[EOS]`` and no
-BOS, so it encodes ``text-ids [EOS] 0 ...`` as it always has.
+BOS, so it encodes ``text-ids [EOS] 0 ...`` as it always has. :func:`word_tokenizer_from_vocab`
+makes one from a fixed word list instead (no training pass), with more special tokens after
+those three (an LVLM's ``[BOS]`` and ``<image>``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -128,6 +131,10 @@ class Tokenizer:
                         f"vocabulary")
     return i
 
+  def token_id(self, token: str) -> int:
+    """The id of ``token`` (e.g. ``'<image>'``); ConfigError if it is not in the vocabulary."""
+    return self._id(token, "the")
+
   @property
   def vocab_size(self) -> int:
     return self._tok.get_vocab_size()
@@ -175,18 +182,53 @@ class Tokenizer:
             f"pad={self.pad_id})")
 
 
-def train_word_tokenizer(texts: Iterable[str], path: str, vocab_size: int = 4096) -> Tokenizer:
-  """Trains a lower-cased word-level tokenizer on ``texts`` and saves it as ``path``."""
+def _word_level(vocab: dict[str, int] | None = None) -> Any:
+  """An HF word-level tokenizer: NFKC + lower case, split on whitespace and punctuation."""
   from tokenizers import Tokenizer as HFTokenizer
-  from tokenizers import models, normalizers, pre_tokenizers, trainers
+  from tokenizers import models, normalizers, pre_tokenizers
 
-  tok = HFTokenizer(models.WordLevel(unk_token=UNK))
+  tok = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
   tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK, EOS])
-  tok.train_from_iterator(texts, trainer=trainer)
+  return tok
+
+
+def _save(tok: Any, path: str) -> None:
+  """Writes ``tok`` to ``path`` atomically (other processes may read it meanwhile)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
   tok.save(tmp)
   os.replace(tmp, path)
+
+
+def train_word_tokenizer(texts: Iterable[str], path: str, vocab_size: int = 4096) -> Tokenizer:
+  """Trains a lower-cased word-level tokenizer on ``texts`` and saves it as ``path``."""
+  from tokenizers import trainers
+
+  tok = _word_level()
+  trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK, EOS])
+  tok.train_from_iterator(texts, trainer=trainer)
+  _save(tok, path)
   return Tokenizer(path)
+
+
+def word_tokenizer_from_vocab(words: Iterable[str], path: str,
+                              extra_specials: Sequence[str] = (), **kwargs: Any) -> Tokenizer:
+  """A word-level tokenizer (as :func:`train_word_tokenizer`'s) with a fixed vocabulary, saved
+  as ``path``: ids ``[PAD]`` 0, ``[UNK]`` 1, ``[EOS]`` 2, then ``extra_specials`` (special:
+  matched before normalisation, dropped by ``decode``), then ``words`` (lower-cased,
+  duplicates dropped) in order. ``kwargs`` go to :class:`Tokenizer` (``bos='[BOS]'``, ...).
+  The file is rewritten only if its content would change."""
+  specials = [PAD, UNK, EOS] + [t for t in extra_specials if t not in (PAD, UNK, EOS)]
+  vocab: dict[str, int] = {}
+  for w in [*specials, *(w.lower() for w in words)]:
+    vocab.setdefault(w, len(vocab))
+  tok = _word_level(vocab)
+  tok.add_special_tokens(specials)
+  old = None
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+  if old != tok.to_str():
+    _save(tok, path)
+  return Tokenizer(path, **kwargs)

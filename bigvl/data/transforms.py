@@ -56,6 +56,11 @@ sample_captions    ``k`` of the example's captions: random (with replacement onl
                    than ``k``) or, ``random=False``, the first ``k`` cycling (eval)
 tokenize           text(s) -> int32 ``[max_len]`` / ``[N, max_len]`` with the task's tokenizer;
                    ``bos`` / ``eos`` / ``pad_id`` override the tokenizer's choices
+chat_encode        an answer (``answer_key``; several keys: one drawn, with its question) in the
+                   task's chat template -> ``tokens`` / ``loss_mask`` int32 ``[L]`` (unpadded;
+                   ``bigvl.data.captioning.ChatEncoder.encode``)
+chat_prompt        the template's generation prompt, left-padded -> ``prompt`` / ``prompt_mask``
+                   int32 ``[max_len]`` (``ChatEncoder.prompt_row``)
 views              run several sub-pipelines on the same example and stack their ``out`` keys
                    ``[V, ...]`` (multi-view methods: Pi-model, FixMatch, few-shot episodes)
 =================  ========================================================================
@@ -604,6 +609,76 @@ class Tokenize:
     ids = self.tokenizer.encode(texts_of(value), self.max_len, bos=self.bos, eos=self.eos,
                                 pad_id=self.pad_id)
     return {**example, self.out: ids[0] if single else ids}
+
+
+def _choices(value: str | Sequence[str] | None, what: str) -> tuple:
+  if value is None or isinstance(value, str):
+    return (value,)
+  value = tuple(value)
+  if not value or not all(v is None or isinstance(v, str) for v in value):
+    raise ValueError(f"{what} must be a str or a non-empty list of str, got {value!r}")
+  return value
+
+
+@register("chat_encode")
+class ChatEncode:
+  """``out`` / ``mask_out`` (``tokens`` / ``loss_mask``, int32 ``[L]``, unpadded) = the task's
+  chat template (context ``chat``, a ``bigvl.data.captioning.ChatEncoder``) around the answer
+  ``example[answer_key]`` and the question ``question`` (a name of the templates file's
+  ``questions`` or a text; None: the encoder's default), ``ChatEncoder.encode``: the loss
+  mask is 1 on the answer and its EOS only. Several ``answer_key`` (with as many questions,
+  or one for all) draw one per example (``rng.integers``); an answer that is a list of
+  captions draws one of them (``rng.integers``), or, with ``random=False``, takes the first.
+  Beyond ``max_len`` the answer is cut (and its EOS)."""
+
+  context = ("chat",)
+
+  def __init__(self, answer_key: str | Sequence[str] = "caption",
+               question: str | Sequence[str] | None = None, max_len: int | None = None,
+               out: str = "tokens", mask_out: str = "loss_mask", random: bool = True, *,
+               chat: Any):
+    self.keys = _choices(answer_key, "answer_key")
+    questions = _choices(question, "question")
+    if len(questions) == 1:
+      questions = questions * len(self.keys)
+    if len(questions) != len(self.keys) or None in self.keys:
+      raise ValueError(f"chat_encode: {len(self.keys)} answer keys need 1 or as many "
+                       f"questions, got {question!r}")
+    if max_len is not None and (not isinstance(max_len, int) or max_len <= 0):
+      raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    self.questions, self.max_len, self.chat = questions, max_len, chat
+    self.out, self.mask_out, self.random = out, mask_out, random
+    for q in set(questions):  # a prompt longer than max_len is refused now, not inside grain
+      if max_len is not None and len(chat.prompt_ids(q)) >= max_len:
+        raise ValueError(f"max_len={max_len} leaves no room for an answer after the "
+                         f"{len(chat.prompt_ids(q))}-token prompt of question {q!r}")
+
+  def __call__(self, example: Example, rng: Any) -> Example:
+    i = int(rng.integers(len(self.keys))) if len(self.keys) > 1 else 0
+    answers = texts_of(example[self.keys[i]])
+    if not answers:
+      raise ValueError(f"chat_encode: example[{self.keys[i]!r}] holds no text")
+    j = int(rng.integers(len(answers))) if len(answers) > 1 and self.random else 0
+    enc = self.chat.encode(answers[j], self.questions[i], self.max_len)
+    return {**example, self.out: enc["tokens"], self.mask_out: enc["loss_mask"]}
+
+
+@register("chat_prompt")
+class ChatPrompt:
+  """``out`` / ``mask_out`` (``prompt`` / ``prompt_mask``, int32 ``[max_len]``) = the task's
+  chat template's generation prompt for ``question`` (context ``chat``,
+  ``ChatEncoder.prompt_row``), left-padded, mask 1 on its tokens. Deterministic."""
+
+  context = ("chat",)
+
+  def __init__(self, max_len: int, question: str | None = None, out: str = "prompt",
+               mask_out: str = "prompt_mask", *, chat: Any):
+    self.row = chat.prompt_row(question, max_len)  # the same for every example
+    self.out, self.mask_out = out, mask_out
+
+  def __call__(self, example: Example, rng: Any) -> Example:
+    return {**example, self.out: self.row["prompt"].copy(),
+            self.mask_out: self.row["prompt_mask"].copy()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -95,7 +95,7 @@ class RMSNorm(nn.Module):
                        (x.shape[-1],))
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * scale).astype(self.dtype)
+    return y.astype(self.dtype) * scale.astype(self.dtype)  # cast first, as the public models
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -242,6 +242,8 @@ class LLM(nn.Module):
     x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
     x = logical.constrain(x.astype(self.config.dtype), "batch", "length", "act_embed")
     b, t = x.shape[:2]
+    if segment_ids is not None and cache is not None:
+      raise ValueError("segment_ids (packed training rows) cannot be combined with a KV cache")
     num_keys = t if cache is None else cache["k"].shape[2]
     q_slots = cache_index + jnp.arange(t)
     if positions is None:
