@@ -122,7 +122,10 @@ def read_init_from(r: Reader | None) -> list[checkpoint.WeightSource]:
   out = []
   for _, c in (r.items() if r is not None else ()):
     what = f"{c.path}.path"
-    path = c.typed("path", str)
+    path = c.typed("path", str, None)
+    if not path:
+      raise ConfigError(f"{what} is not set: name the weights to start from (a bigvl run, a "
+                        f".safetensors file or a Hugging Face checkpoint directory)")
     dst = c.typed("dst", str, "params")
     if dst.partition("/")[0] not in ("params", "extra"):
       raise ConfigError(f"{c.path}.dst={dst!r} must start with 'params' or 'extra'")

@@ -20,8 +20,9 @@ NOT_EXPERIMENTS = ("semisup_base",)
 NEEDS_TFDS_DATA = {"semisup_cifar10": "cifar10", "semisup_svhn": "svhn_cropped"}
 # The data every other tiny variant reads: shapes_captions (the session's small copy of it;
 # the experiments' own configs of the builder differ only in size) or embedded MNIST.
-SHAPES = ("siglip_shapes", "clip_shapes", "fff_shapes")
+SHAPES = ("siglip_shapes", "clip_shapes", "fff_shapes", "lvlm_shapes", "lvlm_llava15_7b")
 TINY = ([(name, "tiny") for name in SHAPES] + [("fff_shapes", "tiny,baseline")]
+        + [("lvlm_shapes", "tiny,answer=both"), ("lvlm_shapes", "tiny,lora=True")]
         + [("semisup_mnist", f"{m},tiny") for m in sorted(semisup_methods.METHODS)])
 EXPERIMENTS = [n for n in CONFIGS if n not in NOT_EXPERIMENTS]
 
@@ -69,6 +70,11 @@ def test_tiny_variant_builds(name, arg, shapes_data_dir, tmp_path):
   else:
     assert c.input.dataset.startswith("embedded:")
     c.input.data_dir = str(tmp_path)  # nothing may be read from a data dir
+  unset = [k for k, v in c.get("init_from", {}).items() if v.get("path") is None]
+  if unset:  # weights a user names (a public checkpoint): refused clearly until then
+    with pytest.raises(ConfigError, match=f"init_from.{unset[0]}.path is not set"):
+      train.build(c)
+    c.init_from = {}
   run = train.build(c)
   assert run.total_steps == c.total_steps > 0
   assert {name for name, _, _ in run.evaluators} == set(c.evals)
