@@ -24,6 +24,7 @@ def get_config(arg=None):
   c.total_steps = 5000
   c.mesh = mlc.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   c.input.batch_size = 128
+  c.microbatches = 4  # 4 x 32 rows: 16.7 GiB a device on 8 devices (docs/lvlm.md)
   c.input.seq_len = 1024  # 576 image tokens + the conversation, packed 1 image a row
   c.input.max_images = 1
   c.input.image_size = 336

@@ -26,7 +26,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from bigvl.config import ConfigError
-from bigvl.convert import llama, safetensors_io, vision
+from bigvl.convert import llama, llava, safetensors_io, vision
 
 if TYPE_CHECKING:
   from bigvl.checkpoint import WeightSource
@@ -35,7 +35,11 @@ if TYPE_CHECKING:
 FORMATS: dict[str, types.ModuleType] = {
     "llama": llama,
     "qwen2": llama,
-    **dict.fromkeys(vision.MODEL_TYPES, vision),  # clip(_vision_model), siglip(_vision_model)
+    "clip_vision_model": vision,
+    "clip": vision,  # its vision tower
+    "siglip_vision_model": vision,
+    "siglip": vision,  # its vision tower
+    "llava": llava,
 }
 
 
