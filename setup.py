@@ -30,8 +30,8 @@ setup(
         "importlib_resources",  # tfds needs it for builders defined outside tfds
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6"],
-        "torch-parity": ["torch==2.13.0", "transformers>=5.0"],
+        # torch (CPU) + transformers: the checkpoint parity tests build tiny public models
+        "test": ["pytest>=8", "ruff>=0.6", "torch==2.13.0", "transformers>=5.0"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
     },

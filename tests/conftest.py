@@ -18,3 +18,22 @@ def shapes_data_dir(tmp_path_factory):
 
   sources.tfds_builder("shapes_captions/small", root)
   return root
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner(shapes_data_dir, tmp_path_factory):
+  """``configs/lvlm_shapes.py:tiny`` trained once on ``shapes_captions/small`` (the LVLM
+  family's shared checkpoint): ``(workdir, results)``. The method issues start from it."""
+  import json
+
+  from tests.helpers import run_main
+
+  workdir = str(tmp_path_factory.mktemp("tiny_captioner"))
+  res = run_main(["--config", "configs/lvlm_shapes.py:tiny", "--workdir", workdir,
+                  f"--config.input.data_dir={shapes_data_dir}",
+                  "--config.input.dataset=shapes_captions/small", "--config.total_steps=400",
+                  "--config.log_every=100", "--config.evals.captions.num_examples=128"],
+                 timeout=900)
+  assert res.returncode == 0, res.stderr[-3000:]
+  with open(os.path.join(workdir, "results.json")) as f:
+    return workdir, json.load(f)
