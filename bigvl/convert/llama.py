@@ -12,23 +12,24 @@ both ways, e.g. for a query projection (torch ``Linear`` weights are ``[out, in]
     ours [D, H, hd] = hf [H*hd, D]^T reshaped        hf = ours reshaped [D, H*hd], transposed
 
 :func:`load` (import), :func:`save` (export) and :func:`weight_sources` (the train loop's
-pretrained init, sharded and lazy) all read that table; nothing else knows the names.
+pretrained init, sharded and lazy) all read that table through :mod:`bigvl.convert.rules`;
+nothing else knows the names. :func:`read_params` / :func:`hf_tensors` take a key mapping, so
+a composite model (``bigvl.convert.llava``) reads and writes its decoder with them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bigvl.config import ConfigError
-from bigvl.convert import safetensors_io
+from bigvl.convert import rules, safetensors_io
+from bigvl.convert.rules import Rule
 from bigvl.models import lora as lora_lib
 from bigvl.models.llm import LLM, LLMConfig
 
@@ -39,70 +40,12 @@ MODEL_TYPES = ("llama", "qwen2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 #: rope types that are plain ``theta_i = rope_theta^(-2i/d)`` (what ``LLM`` implements).
 PLAIN_ROPE = (None, "default")
-Convert = Callable[[np.ndarray, LLMConfig], np.ndarray]
+#: transformers' ``LlamaConfig`` defaults, for a composite model's sparse ``text_config``.
+LLAMA_DEFAULTS = dict(model_type="llama", vocab_size=32000, hidden_size=4096,
+                      intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
 
 
-# --- layout conversions: one HF tensor <-> one (per-layer) leaf of ours ----------------------
-
-def _same(w: np.ndarray, c: LLMConfig) -> np.ndarray:
-  return w
-
-
-def _transpose(w: np.ndarray, c: LLMConfig) -> np.ndarray:
-  """torch ``Linear`` ``[out, in]`` <-> our ``[in, out]`` (its own inverse)."""
-  return w.T
-
-
-def _split_heads_in(w: np.ndarray, c: LLMConfig) -> np.ndarray:
-  """``[n*hd, D] -> [D, n, hd]`` (q/k/v: ``n`` = heads or kv heads)."""
-  return w.T.reshape(w.shape[1], -1, c.head_dim)
-
-
-def _merge_heads_in(k: np.ndarray, c: LLMConfig) -> np.ndarray:
-  """``[D, n, hd] -> [n*hd, D]`` (inverse of :func:`_split_heads_in`)."""
-  return k.reshape(k.shape[0], -1).T
-
-
-def _split_heads_bias(b: np.ndarray, c: LLMConfig) -> np.ndarray:
-  """``[n*hd] -> [n, hd]``."""
-  return b.reshape(-1, c.head_dim)
-
-
-def _merge_heads_bias(b: np.ndarray, c: LLMConfig) -> np.ndarray:
-  return b.reshape(-1)
-
-
-def _split_heads_out(w: np.ndarray, c: LLMConfig) -> np.ndarray:
-  """o_proj ``[D, H*hd] -> [H, hd, D]``."""
-  return w.T.reshape(-1, c.head_dim, w.shape[0])
-
-
-def _merge_heads_out(k: np.ndarray, c: LLMConfig) -> np.ndarray:
-  """``[H, hd, D] -> [D, H*hd]`` (inverse of :func:`_split_heads_out`)."""
-  return k.reshape(-1, k.shape[-1]).T
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  """One parameter: ``ours`` (``'/'``-joined path in ``LLM``'s params) <-> ``hf`` (key; with
-  ``{i}`` it is per layer and ours is the stack over layers, axis 0). ``to_ours``/``to_hf``
-  convert one (per-layer) tensor and are each other's inverse. ``when(config)``: whether the
-  parameter exists for a config."""
-
-  ours: str
-  hf: str
-  to_ours: Convert = _same
-  to_hf: Convert = _same
-  when: Callable[[LLMConfig], bool] = lambda c: True
-
-  @property
-  def per_layer(self) -> bool:
-    return "{i}" in self.hf
-
-  def keys(self, c: LLMConfig) -> str | list[str]:
-    """The HF key, or the per-layer keys (layer order) for a stacked leaf."""
-    return [self.hf.format(i=i) for i in range(c.depth)] if self.per_layer else self.hf
-
+# --- the table -------------------------------------------------------------------------------
 
 def _layer(name: str) -> str:
   return f"model.layers.{{i}}.{name}"
@@ -122,22 +65,23 @@ RULES: tuple[Rule, ...] = (
     Rule("layers/input_norm/scale", _layer("input_layernorm.weight")),
     Rule("layers/post_attn_norm/scale", _layer("post_attention_layernorm.weight")),
     *(Rule(f"layers/attn/{p}/kernel", _layer(f"self_attn.{p}_proj.weight"),
-           _split_heads_in, _merge_heads_in) for p in "qkv"),
+           rules.split_heads_in, rules.merge_heads_in) for p in "qkv"),
     *(Rule(f"layers/attn/{p}/bias", _layer(f"self_attn.{p}_proj.bias"),
-           _split_heads_bias, _merge_heads_bias, _qkv_bias) for p in "qkv"),
+           rules.split_heads_bias, rules.merge_heads_bias, _qkv_bias) for p in "qkv"),
     Rule("layers/attn/o/kernel", _layer("self_attn.o_proj.weight"),
-         _split_heads_out, _merge_heads_out),
-    *(Rule(f"layers/mlp/{p}/kernel", _layer(f"mlp.{p}_proj.weight"), _transpose, _transpose)
-      for p in ("gate", "up", "down")),
+         rules.split_heads_out, rules.merge_heads_out),
+    *(Rule(f"layers/mlp/{p}/kernel", _layer(f"mlp.{p}_proj.weight"), rules.transpose,
+           rules.transpose) for p in ("gate", "up", "down")),
     Rule("final_norm/scale", "model.norm.weight"),
-    Rule("lm_head/kernel", "lm_head.weight", _transpose, _transpose, _untied),
+    Rule("lm_head/kernel", "lm_head.weight", rules.transpose, rules.transpose, _untied),
 )
-BY_PATH = {r.ours: r for r in RULES}
 
 
-def rules(c: LLMConfig) -> list[Rule]:
-  """The rules of the parameters a config has."""
-  return [r for r in RULES if r.when(c)]
+def entries(c: LLMConfig, key: Callable[[str], str] = lambda k: k, every: bool = False
+            ) -> list[rules.Entry]:
+  """``[(our path, HF key or per-layer keys, rule)]`` of the parameters ``c`` has (``every``:
+  of all rules); ``key`` maps the ``LlamaForCausalLM`` keys (e.g. to a composite model's)."""
+  return rules.entries(RULES, c, c.depth, key, every)
 
 
 # --- configs ---------------------------------------------------------------------------------
@@ -200,16 +144,24 @@ def config_from_hf(cfg: dict) -> LLMConfig:
   heads = int(cfg["num_attention_heads"])
   hidden = int(cfg["hidden_size"])
   head_dim = cfg.get("head_dim") or hidden // heads
+  rope_theta = _rope_theta(cfg, what)  # its ConfigErrors name `what` already
   try:
     return LLMConfig(
         vocab_size=int(cfg["vocab_size"]), width=hidden, depth=int(cfg["num_hidden_layers"]),
         num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
         head_dim=int(head_dim), mlp_dim=int(cfg["intermediate_size"]),
-        rope_theta=_rope_theta(cfg, what), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         qkv_bias=model_type == "qwen2",
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
   except ValueError as e:
     raise ConfigError(f"{what}: {e}") from None
+
+
+def text_config(cfg: dict | None) -> dict:
+  """A composite model's ``text_config`` (e.g. LLaVA's) as a full ``config.json`` dict: its
+  ``None`` values dropped, transformers' ``LlamaConfig`` defaults (:data:`LLAMA_DEFAULTS`)
+  for the keys it leaves out, as sparse llava-hf configs rely on."""
+  return {**LLAMA_DEFAULTS, **{k: v for k, v in (cfg or {}).items() if v is not None}}
 
 
 def config_to_hf(c: LLMConfig, model_type: str = "llama", *, dtype: str = "float32",
@@ -245,39 +197,29 @@ def config_to_hf(c: LLMConfig, model_type: str = "llama", *, dtype: str = "float
 
 def param_shapes(c: LLMConfig) -> dict[str, tuple[int, ...]]:
   """``{path: shape}`` of ``LLM(c)``'s params (abstract: nothing is computed)."""
-  from bigvl.parallel import path_str
-
-  abstract = jax.eval_shape(lambda: LLM(c).init(jax.random.PRNGKey(0),
-                                               jnp.zeros((1, 1), jnp.int32)))
-  abstract = nn.meta.unbox(abstract)["params"]
-  return {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
-
-
-def _stand_in(shape: tuple[int, ...]) -> np.ndarray:
-  """A zero-strided array of ``shape`` (no memory): conversions on it give result shapes."""
-  return np.broadcast_to(np.zeros((), np.float32), shape)
-
-
-def _layer_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
-  return shape[1:] if rule.per_layer else shape
-
-
-def hf_shape(rule: Rule, c: LLMConfig, our_shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The HF tensor shape (one layer's, for per-layer rules) of a leaf of ``our_shape``."""
-  return tuple(rule.to_hf(_stand_in(_layer_shape(rule, our_shape)), c).shape)
-
-
-def _check_table(c: LLMConfig, shapes: dict[str, tuple[int, ...]]) -> None:
-  """The rules cover exactly the (non-adapter) params of ``LLM(c)``: a bug otherwise."""
-  base = {p for p in shapes if p.rsplit("/", 1)[-1] not in ("lora_a", "lora_b")}
-  covered = {r.ours for r in rules(c)}
-  if base != covered:
-    raise AssertionError(f"llama.RULES out of date: params without a rule "
-                         f"{sorted(base - covered)}, rules without a param "
-                         f"{sorted(covered - base)}")
+  return rules.param_shapes(lambda: LLM(c).init(jax.random.PRNGKey(0),
+                                                jnp.zeros((1, 1), jnp.int32)))
 
 
 # --- import / export / pretrained init -------------------------------------------------------
+
+def read_params(reader: safetensors_io.TensorReader, c: LLMConfig,
+                key: Callable[[str], str] = lambda k: k, what: str = "checkpoint",
+                under: str = "") -> dict:
+  """``LLM(c)``'s params (nested dicts of float32 numpy, layers stacked on axis 0) from the
+  tensors ``key(k)`` of the ``LlamaForCausalLM`` keys ``k``. Every key is checked (names of
+  all missing ones) and every shape before any tensor is read; ``what`` (the directory) and
+  ``under`` (our params' path, e.g. ``'lm/'``) name them in errors."""
+  shapes = param_shapes(c)
+  rules.check_table("llama.RULES", shapes, entries(c))
+  return rules.read(reader, entries(c, key), c, shapes, what, under)
+
+
+def hf_tensors(c: LLMConfig, params: Any, key: Callable[[str], str] = lambda k: k,
+               what: str = "llama", under: str = "") -> dict[str, np.ndarray]:
+  """``{key(HF key): tensor}`` of ``LLM(c)``'s ``params`` (per layer; the params' dtype)."""
+  return rules.write(entries(c, key), params, c, what, under)
+
 
 def load(directory: str, hf_config: dict | None = None, **overrides: Any
          ) -> tuple[LLM, dict]:
@@ -290,46 +232,8 @@ def load(directory: str, hf_config: dict | None = None, **overrides: Any
   """
   hf_config = safetensors_io.read_config(directory) if hf_config is None else hf_config
   c = dataclasses.replace(config_from_hf(hf_config), **overrides)
-  shapes = param_shapes(c)
-  _check_table(c, shapes)
-  files = safetensors_io.key_files(directory)
-  flat = {}
-  with safetensors_io.TensorReader(files) as reader:
-    _check_file(directory, c, shapes, reader)
-    for rule in rules(c):
-      keys = rule.keys(c)
-      if rule.per_layer:
-        flat[rule.ours] = np.stack([_read(reader, k, rule, c) for k in keys])
-      else:
-        flat[rule.ours] = _read(reader, keys, rule, c)
-  return LLM(c), _nest(flat)
-
-
-def _read(reader: safetensors_io.TensorReader, key: str, rule: Rule, c: LLMConfig
-          ) -> np.ndarray:
-  return np.ascontiguousarray(rule.to_ours(reader.get(key), c), dtype=np.float32)
-
-
-def _check_file(directory: str, c: LLMConfig, shapes: dict[str, tuple[int, ...]],
-                reader: safetensors_io.TensorReader) -> None:
-  """ConfigError naming every missing key, else the first tensor of the wrong shape."""
-  missing = []
-  for rule in rules(c):
-    keys = rule.keys(c)
-    missing += [k for k in (keys if rule.per_layer else [keys]) if k not in reader.files]
-  if missing:
-    more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
-    raise ConfigError(f"{directory}: missing tensors {missing[:8]}{more} that its "
-                      f"config.json implies")
-  for rule in rules(c):
-    want = hf_shape(rule, c, shapes[rule.ours])
-    keys = rule.keys(c)
-    for k in keys if rule.per_layer else [keys]:
-      got = reader.shape(k)
-      if got != want:
-        raise ConfigError(f"{directory}: tensor {k!r} has shape {got} in "
-                          f"{os.path.basename(reader.files[k])} but config.json implies "
-                          f"{want} (for {rule.ours})")
+  with safetensors_io.TensorReader(safetensors_io.key_files(directory)) as reader:
+    return LLM(c), read_params(reader, c, what=directory)
 
 
 def default_model_type(c: LLMConfig) -> str:
@@ -353,11 +257,7 @@ def save(directory: str, model: LLM, params: Any, model_type: str | None = None,
   """
   c = model.config
   model_type = model_type or default_model_type(c)
-  params = nn.meta.unbox(params)
-  if set(params) == {"params"}:
-    params = params["params"]
-  params = lora_lib.merge(params, c.lora)
-  flat = _flatten(jax.device_get(params))
+  flat = rules.flatten(jax.device_get(lora_lib.merge(rules.bare_params(params), c.lora)))
   if model_type == "qwen2" and not c.qkv_bias:
     c = dataclasses.replace(c, qkv_bias=True)
     for p in "qkv":
@@ -365,16 +265,7 @@ def save(directory: str, model: LLM, params: Any, model_type: str | None = None,
       flat[f"layers/attn/{p}/bias"] = np.zeros(k.shape[:1] + k.shape[2:], k.dtype)
   dtype = np.dtype(flat["embed/embedding"].dtype).name
   hf_config = config_to_hf(c, model_type, dtype=dtype)
-  tensors = {}
-  for rule in rules(c):
-    if rule.ours not in flat:
-      raise ConfigError(f"params have no {rule.ours!r} (the {model_type} export needs it)")
-    x = np.asarray(flat[rule.ours])
-    keys = rule.keys(c)
-    if rule.per_layer:
-      tensors.update({k: rule.to_hf(x[i], c) for i, k in enumerate(keys)})
-    else:
-      tensors[keys] = rule.to_hf(x, c)
+  tensors = hf_tensors(c, rules.nest(flat), what=model_type)
   safetensors_io.save(directory, tensors, hf_config, max_shard_bytes)
 
 
@@ -391,35 +282,6 @@ def weight_sources(directory: str, dst: str = "params", hf_config: dict | None =
 
   hf_config = safetensors_io.read_config(directory) if hf_config is None else hf_config
   c = config_from_hf(hf_config)
-
-  def key_fn(rel: str) -> str | list[str] | None:
-    if rel in BY_PATH:
-      return BY_PATH[rel].keys(c)
-    if rel.rsplit("/", 1)[-1] in ("lora_a", "lora_b"):
-      return None
-    return rel
-
-  def convert(rel: str, x: np.ndarray) -> np.ndarray:
-    return BY_PATH[rel].to_ours(x, c)
-
+  key_fn, convert = rules.source_fns([(entries(c, every=True), c, "")],
+                                     rules.missing_unless_adapter)
   return [WeightSource(path=directory, dst=dst, key_fn=key_fn, convert=convert, what=what)]
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if not hasattr(tree, "items"):
-    return {prefix: tree}
-  out = {}
-  for k, v in tree.items():
-    out.update(_flatten(v, f"{prefix}/{k}" if prefix else str(k)))
-  return out
-
-
-def _nest(flat: dict[str, Any]) -> dict:
-  out: dict = {}
-  for path, x in flat.items():
-    *parents, leaf = path.split("/")
-    node = out
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = x
-  return out

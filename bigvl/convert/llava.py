@@ -6,7 +6,7 @@ No table of its own for the two big parts: the vision tower is :data:`bigvl.conv
 under a key prefix, the decoder :data:`bigvl.convert.llama.RULES` with ``model.`` / ``lm_head.``
 moved under theirs; only the projector has a table of its own (four entries), :data:`PROJECTOR`
 (``projector/fc{1,2}`` <-> ``multi_modal_projector.linear_{1,2}``, torch ``[out, in]``
-transposed).
+transposed). All three are read and written by :mod:`bigvl.convert.rules`.
 
 Key layouts (import detects which; export writes the first, what the public ``llava-hf``
 checkpoints hold and transformers 4 and 5 both load):
@@ -22,12 +22,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 
 from bigvl.config import ConfigError
-from bigvl.convert import llama, safetensors_io, vision
+from bigvl.convert import llama, rules, safetensors_io, vision
+from bigvl.convert.rules import Rule
 from bigvl.models import lora as lora_lib
 from bigvl.models.llm import LLMConfig
 from bigvl.models.lvlm import LVLM
@@ -38,14 +38,17 @@ VISION_PREFIXES = ("vision_tower.vision_model.", "vision_tower.",
 PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
 BODY_PREFIXES = ("language_model.model.", "model.language_model.")
 HEAD_PREFIXES = ("language_model.lm_head.", "lm_head.")
-#: transformers' ``LlamaConfig`` defaults (llava-hf configs leave most of them out).
-LLAMA_DEFAULTS = dict(model_type="llama", vocab_size=32000, hidden_size=4096,
-                      intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
-#: ``(our path below projector/, HF key below the projector prefix, transposed)``.
-PROJECTOR: tuple[tuple[str, str, bool], ...] = (
-    ("fc1/kernel", "linear_1.weight", True), ("fc1/bias", "linear_1.bias", False),
-    ("fc2/kernel", "linear_2.weight", True), ("fc2/bias", "linear_2.bias", False),
-)
+
+
+def _projector_bias(model: LVLM) -> bool:
+  return model.projector_bias
+
+
+#: our path below ``projector/`` <-> the HF key below the projector prefix.
+PROJECTOR: tuple[Rule, ...] = tuple(
+    r for n in (1, 2) for r in (
+        Rule(f"fc{n}/kernel", f"linear_{n}.weight", rules.transpose, rules.transpose),
+        Rule(f"fc{n}/bias", f"linear_{n}.bias", when=_projector_bias)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +67,8 @@ class Layout:
         return new + key[len(old):]
     raise AssertionError(f"unexpected decoder key {key!r}")
 
-  def lm_keys(self, rule: llama.Rule, c: LLMConfig) -> str | list[str]:
-    keys = rule.keys(c)
-    return [self.lm_key(k) for k in keys] if rule.per_layer else self.lm_key(keys)
+  def projector_key(self, key: str) -> str:
+    return self.projector + key
 
 
 def detect_layout(keys: set[str], tied: bool, what: str) -> Layout:
@@ -74,18 +76,13 @@ def detect_layout(keys: set[str], tied: bool, what: str) -> Layout:
   probe = vision.RULES[0].hf
   return Layout(
       vision=vision.find_prefix(keys, VISION_PREFIXES, probe, what),
-      projector=vision.find_prefix(keys, PROJECTOR_PREFIXES, PROJECTOR[0][1], what),
+      projector=vision.find_prefix(keys, PROJECTOR_PREFIXES, PROJECTOR[0].hf, what),
       body=vision.find_prefix(keys, BODY_PREFIXES, "embed_tokens.weight", what),
       head=HEAD_PREFIXES[0] if tied else vision.find_prefix(keys, HEAD_PREFIXES, "weight",
                                                             what))
 
 
 # --- configs ---------------------------------------------------------------------------------
-
-def _text_config(cfg: dict) -> dict:
-  text = {k: v for k, v in (cfg.get("text_config") or {}).items() if v is not None}
-  return {**LLAMA_DEFAULTS, **text}
-
 
 def config_from_hf(cfg: dict, **overrides: Any) -> LVLM:
   """A ``LlavaConfig`` dict -> :class:`LVLM`. ``overrides``: ``dtype`` (both towers),
@@ -105,7 +102,8 @@ def config_from_hf(cfg: dict, **overrides: Any) -> LVLM:
   if "dtype" in overrides:
     vit_over.setdefault("dtype", overrides["dtype"])
   tower, image_size = vision.config_from_hf(vision_cfg, **vit_over)
-  lm = dataclasses.replace(llama.config_from_hf(_text_config(cfg)), **lm_over)
+  lm = llama.config_from_hf(llama.text_config(cfg.get("text_config")))
+  lm = dataclasses.replace(lm, **lm_over)
   act = cfg.get("projector_hidden_act", "gelu")
   if act != "gelu":
     raise ConfigError(f"{what}: projector_hidden_act={act!r}; LVLM's projector is mlp2x_gelu "
@@ -151,50 +149,16 @@ def config_to_hf(model: LVLM, params: Any, *, dtype: str = "float32") -> dict:
 
 # --- import / export / pretrained init -------------------------------------------------------
 
-def _read_lm(reader: safetensors_io.TensorReader, c: LLMConfig, layout: Layout,
-             what: str) -> dict:
-  """The decoder's params, through :data:`llama.RULES` with ``layout``'s keys."""
-  shapes = llama.param_shapes(c)
-  todo = [(r, layout.lm_keys(r, c)) for r in llama.rules(c)]
-  missing = [k for _, keys in todo for k in (keys if isinstance(keys, list) else [keys])
-             if k not in reader.files]
-  if missing:
-    more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
-    raise ConfigError(f"{what}: missing tensors {missing[:8]}{more} that its config.json "
-                      f"implies")
-  flat = {}
-  for rule, keys in todo:
-    want = llama.hf_shape(rule, c, shapes[rule.ours])
-    for k in keys if rule.per_layer else [keys]:
-      if reader.shape(k) != want:
-        raise ConfigError(f"{what}: tensor {k!r} has shape {reader.shape(k)} but config.json "
-                          f"implies {want} (for lm/{rule.ours})")
-    read = [np.asarray(rule.to_ours(reader.get(k), c), np.float32)
-            for k in (keys if rule.per_layer else [keys])]
-    flat[rule.ours] = np.stack(read) if rule.per_layer else read[0]
-  return vision.nest(flat)
+def _projector_entries(model: LVLM, layout: Layout) -> list[rules.Entry]:
+  return rules.entries(PROJECTOR, model, 0, layout.projector_key)
 
 
-def _read_projector(reader: safetensors_io.TensorReader, model: LVLM, prefix: str,
+def _read_projector(reader: safetensors_io.TensorReader, model: LVLM, layout: Layout,
                     what: str) -> dict:
-  d_in = model.vision.width
-  d = model.lm.width
-  want = {"fc1/kernel": (d_in, d), "fc1/bias": (d,), "fc2/kernel": (d, d), "fc2/bias": (d,)}
-  flat = {}
-  for ours, key, transposed in _projector_rules(model):
-    if prefix + key not in reader.files:
-      raise ConfigError(f"{what}: missing tensor {prefix + key!r}")
-    x = reader.get(prefix + key)
-    x = np.asarray(x.T if transposed else x, np.float32)
-    if x.shape != want[ours]:
-      raise ConfigError(f"{what}: tensor {prefix + key!r} gives projector/{ours} of shape "
-                        f"{x.shape}; config.json implies {want[ours]}")
-    flat[ours] = x
-  return vision.nest(flat)
-
-
-def _projector_rules(model: LVLM) -> list[tuple[str, str, bool]]:
-  return [r for r in PROJECTOR if model.projector_bias or not r[0].endswith("bias")]
+  d_in, d = model.vision.width, model.lm.width
+  shapes = {"fc1/kernel": (d_in, d), "fc1/bias": (d,), "fc2/kernel": (d, d), "fc2/bias": (d,)}
+  return rules.read(reader, _projector_entries(model, layout), model, shapes, what,
+                    "projector/")
 
 
 def load(directory: str, hf_config: dict | None = None, **overrides: Any
@@ -213,8 +177,8 @@ def load(directory: str, hf_config: dict | None = None, **overrides: Any
     params = {
         "vision": vision.read_params(reader, model.vision, model.image_size, layout.vision,
                                      directory, channels),
-        "projector": _read_projector(reader, model, layout.projector, directory),
-        "lm": _read_lm(reader, model.lm, layout, directory),
+        "projector": _read_projector(reader, model, layout, directory),
+        "lm": llama.read_params(reader, model.lm, layout.lm_key, directory, "lm/"),
     }
   return model, params
 
@@ -229,27 +193,15 @@ def save(directory: str, model: LVLM, params: Any, model_type: str | None = None
   module docstring). LoRA adapters are merged first; tensors keep the params' dtype."""
   if (model_type or "llava") != "llava":
     raise ConfigError(f"an LVLM is written as model_type 'llava', not {model_type!r}")
-  params = nn.meta.unbox(params)
-  if set(params) == {"params"}:
-    params = params["params"]
-  params = jax.device_get(lora_lib.merge(params, model.lm.lora))
+  params = jax.device_get(lora_lib.merge(rules.bare_params(params), model.lm.lora))
   layout = Layout()
-  c = model.lm
-  lm = vision.flatten(params["lm"])
-  tensors = vision.hf_tensors(model.vision, params["vision"], layout.vision)
-  for ours, key, transposed in _projector_rules(model):
-    x = np.asarray(vision.flatten(params["projector"])[ours])
-    tensors[layout.projector + key] = x.T if transposed else x
-  for rule in llama.rules(c):
-    if rule.ours not in lm:
-      raise ConfigError(f"params have no lm/{rule.ours!r} (the llava export needs it)")
-    x = np.asarray(lm[rule.ours])
-    keys = layout.lm_keys(rule, c)
-    if rule.per_layer:
-      tensors.update({k: rule.to_hf(x[i], c) for i, k in enumerate(keys)})
-    else:
-      tensors[keys] = rule.to_hf(x, c)
-  dtype = np.dtype(lm["embed/embedding"].dtype).name
+  tensors = {
+      **vision.hf_tensors(model.vision, params["vision"], layout.vision),
+      **rules.write(_projector_entries(model, layout), params["projector"], model, "llava",
+                    "projector/"),
+      **llama.hf_tensors(model.lm, params["lm"], layout.lm_key, "llava", "lm/"),
+  }
+  dtype = np.dtype(params["lm"]["embed"]["embedding"].dtype).name
   safetensors_io.save(directory, tensors, config_to_hf(model, params, dtype=dtype),
                       max_shard_bytes)
 
@@ -265,27 +217,10 @@ def weight_sources(directory: str, dst: str = "params", hf_config: dict | None =
   c = model.lm
   layout = detect_layout(set(safetensors_io.key_files(directory)), c.tie_embeddings,
                          directory)
-  vision_key, vision_convert = vision.source_fns(model.vision, layout.vision, "vision/")
-  projector = {f"projector/{ours}": (layout.projector + key, transposed)
-               for ours, key, transposed in _projector_rules(model)}
-
-  def key_fn(rel: str) -> str | list[str] | None:
-    if rel.startswith("vision/"):
-      return vision_key(rel)
-    if rel in projector:
-      return projector[rel][0]
-    if rel.startswith("lm/") and rel[3:] in llama.BY_PATH:
-      return layout.lm_keys(llama.BY_PATH[rel[3:]], c)
-    if rel.rsplit("/", 1)[-1] in ("lora_a", "lora_b"):
-      return None
-    return rel
-
-  def convert(rel: str, x: np.ndarray) -> np.ndarray:
-    if rel.startswith("vision/"):
-      return vision_convert(rel, x)
-    if rel in projector:
-      return x.T if projector[rel][1] else x
-    return llama.BY_PATH[rel[3:]].to_ours(x, c)
-
+  key_fn, convert = rules.source_fns(
+      [(vision.entries(model.vision, layout.vision), model.vision, "vision/"),
+       (_projector_entries(model, layout), model, "projector/"),
+       (llama.entries(c, layout.lm_key, every=True), c, "lm/")],
+      lambda rel: None if rel.startswith("vision/") else rules.missing_unless_adapter(rel))
   return [WeightSource(path=directory, dst=dst, key_fn=key_fn, convert=convert, what=what)]
 

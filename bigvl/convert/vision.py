@@ -28,7 +28,6 @@ init all read this table.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -37,10 +36,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from bigvl.config import ConfigError
-from bigvl.convert import safetensors_io
+from bigvl.convert import rules, safetensors_io
+from bigvl.convert.rules import Rule
 from bigvl.models.vit import ViT
 
 CLIP_TYPES = ("clip_vision_model", "clip")
@@ -67,46 +66,9 @@ PREFIXES = {"clip_vision_model": ("", "vision_model."), "clip": ("vision_model."
             "siglip_vision_model": ("", "vision_model."), "siglip": ("vision_model.",)}
 #: the prefix exports write (what the public checkpoints have; transformers 4 and 5 load it).
 EXPORT_PREFIX = "vision_model."
-Convert = Callable[[np.ndarray, ViT], np.ndarray]
 
 
 # --- layout conversions: one HF tensor <-> one leaf of ours ----------------------------------
-
-def _same(w: np.ndarray, m: ViT) -> np.ndarray:
-  return w
-
-
-def _transpose(w: np.ndarray, m: ViT) -> np.ndarray:
-  """torch ``Linear`` ``[out, in]`` <-> ours ``[in, out]`` (its own inverse)."""
-  return w.T
-
-
-def _split_heads_in(w: np.ndarray, m: ViT) -> np.ndarray:
-  """q/k/v ``[H*hd, D] -> [D, H, hd]``."""
-  return w.T.reshape(w.shape[1], m.num_heads, -1)
-
-
-def _merge_heads_in(k: np.ndarray, m: ViT) -> np.ndarray:
-  return k.reshape(k.shape[0], -1).T
-
-
-def _split_heads_bias(b: np.ndarray, m: ViT) -> np.ndarray:
-  """``[H*hd] -> [H, hd]``."""
-  return b.reshape(m.num_heads, -1)
-
-
-def _merge_heads_bias(b: np.ndarray, m: ViT) -> np.ndarray:
-  return b.reshape(-1)
-
-
-def _split_heads_out(w: np.ndarray, m: ViT) -> np.ndarray:
-  """out_proj ``[D, H*hd] -> [H, hd, D]``."""
-  return w.T.reshape(m.num_heads, -1, w.shape[0])
-
-
-def _merge_heads_out(k: np.ndarray, m: ViT) -> np.ndarray:
-  return k.reshape(-1, k.shape[-1]).T
-
 
 def _conv_to_ours(w: np.ndarray, m: ViT) -> np.ndarray:
   """Conv2d ``[D, C, p, p]`` -> flax ``[p, p, C, D]``."""
@@ -130,41 +92,13 @@ def _unbatch_pos(x: np.ndarray, m: ViT) -> np.ndarray:
   return x.reshape(x.shape[-2:])
 
 
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  """One parameter: ``ours`` (``'/'``-joined path in the ViT's params) <-> ``hf`` (the key
-  below the tower's prefix); ``{i}`` in both = block ``i``. ``to_ours``/``to_hf`` are each
-  other's inverse. ``part = (j, n)``: ours is the ``j``-th of ``n`` equal axis-0 chunks of the
-  HF tensor (packed q/k/v). ``when(vit)``: whether the parameter exists."""
-
-  ours: str
-  hf: str
-  to_ours: Convert = _same
-  to_hf: Convert = _same
-  when: Callable[[ViT], bool] = lambda m: True
-  part: tuple[int, int] | None = None
-
-  def expand(self, m: ViT) -> list[tuple[str, str]]:
-    """``[(our path, HF key)]``: one per block for ``{i}`` rules."""
-    if "{i}" not in self.ours:
-      return [(self.ours, self.hf)]
-    return [(self.ours.format(i=i), self.hf.format(i=i)) for i in range(m.depth)]
-
-  def read(self, w: np.ndarray, m: ViT) -> np.ndarray:
-    """The HF tensor -> our leaf."""
-    if self.part is not None:
-      j, n = self.part
-      w = np.split(w, n, axis=0)[j]
-    return self.to_ours(w, m)
-
-
-def _norm(ours: str, hf: str, when: Callable[[ViT], bool] = lambda m: True) -> list[Rule]:
+def _norm(ours: str, hf: str, when: Callable[[ViT], bool] = rules.always) -> list[Rule]:
   return [Rule(f"{ours}/scale", f"{hf}.weight", when=when),
           Rule(f"{ours}/bias", f"{hf}.bias", when=when)]
 
 
-def _linear(ours: str, hf: str, when: Callable[[ViT], bool] = lambda m: True) -> list[Rule]:
-  return [Rule(f"{ours}/kernel", f"{hf}.weight", _transpose, _transpose, when),
+def _linear(ours: str, hf: str, when: Callable[[ViT], bool] = rules.always) -> list[Rule]:
+  return [Rule(f"{ours}/kernel", f"{hf}.weight", rules.transpose, rules.transpose, when),
           Rule(f"{ours}/bias", f"{hf}.bias", when=when)]
 
 
@@ -172,12 +106,12 @@ def _attention(ours: str, hf: str) -> list[Rule]:
   """Separate ``{q,k,v,out}_proj`` (the encoder layers)."""
   out = []
   for name, p in (("query", "q"), ("key", "k"), ("value", "v")):
-    out += [Rule(f"{ours}/{name}/kernel", f"{hf}.{p}_proj.weight", _split_heads_in,
-                 _merge_heads_in),
-            Rule(f"{ours}/{name}/bias", f"{hf}.{p}_proj.bias", _split_heads_bias,
-                 _merge_heads_bias)]
-  return out + [Rule(f"{ours}/out/kernel", f"{hf}.out_proj.weight", _split_heads_out,
-                     _merge_heads_out),
+    out += [Rule(f"{ours}/{name}/kernel", f"{hf}.{p}_proj.weight", rules.split_heads_in,
+                 rules.merge_heads_in),
+            Rule(f"{ours}/{name}/bias", f"{hf}.{p}_proj.bias", rules.split_heads_bias,
+                 rules.merge_heads_bias)]
+  return out + [Rule(f"{ours}/out/kernel", f"{hf}.out_proj.weight", rules.split_heads_out,
+                     rules.merge_heads_out),
                 Rule(f"{ours}/out/bias", f"{hf}.out_proj.bias")]
 
 
@@ -190,12 +124,12 @@ def _packed_attention(ours: str, hf: str) -> list[Rule]:
   stacked on axis 0 (the SigLIP MAP head)."""
   out = []
   for j, name in enumerate(("query", "key", "value")):
-    out += [Rule(f"{ours}/{name}/kernel", f"{hf}.in_proj_weight", _split_heads_in,
-                 _merge_heads_in, _has_map, (j, 3)),
-            Rule(f"{ours}/{name}/bias", f"{hf}.in_proj_bias", _split_heads_bias,
-                 _merge_heads_bias, _has_map, (j, 3))]
-  return out + [Rule(f"{ours}/out/kernel", f"{hf}.out_proj.weight", _split_heads_out,
-                     _merge_heads_out, _has_map),
+    out += [Rule(f"{ours}/{name}/kernel", f"{hf}.in_proj_weight", rules.split_heads_in,
+                 rules.merge_heads_in, _has_map, (j, 3)),
+            Rule(f"{ours}/{name}/bias", f"{hf}.in_proj_bias", rules.split_heads_bias,
+                 rules.merge_heads_bias, _has_map, (j, 3))]
+  return out + [Rule(f"{ours}/out/kernel", f"{hf}.out_proj.weight", rules.split_heads_out,
+                     rules.merge_heads_out, _has_map),
                 Rule(f"{ours}/out/bias", f"{hf}.out_proj.bias", when=_has_map)]
 
 
@@ -223,9 +157,9 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def entries(m: ViT, prefix: str = "") -> list[tuple[str, str, Rule]]:
+def entries(m: ViT, prefix: str = "") -> list[rules.Entry]:
   """``[(our path, HF key with prefix, rule)]`` of every parameter ``m`` has."""
-  return [(ours, prefix + hf, r) for r in RULES if r.when(m) for ours, hf in r.expand(m)]
+  return rules.entries(RULES, m, m.depth, lambda k: prefix + k)
 
 
 # --- configs ---------------------------------------------------------------------------------
@@ -330,21 +264,8 @@ def config_to_hf(m: ViT, image_size: int, model_type: str, *, num_channels: int 
 
 def param_shapes(m: ViT, image_size: int, num_channels: int = 3) -> dict[str, tuple[int, ...]]:
   """``{path: shape}`` of ``m``'s params for ``image_size``^2 images (abstract)."""
-  from bigvl.parallel import path_str
-
   images = jnp.zeros((1, image_size, image_size, num_channels), jnp.float32)
-  abstract = nn.meta.unbox(jax.eval_shape(m.init, jax.random.PRNGKey(0), images))["params"]
-  return {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(abstract)}
-
-
-def _check_table(m: ViT, shapes: dict[str, tuple[int, ...]]) -> None:
-  """The rules cover exactly ``m``'s (non-adapter) params: a bug otherwise."""
-  base = {p for p in shapes if p.rsplit("/", 1)[-1] not in ("lora_a", "lora_b")}
-  covered = {ours for ours, _, _ in entries(m)}
-  if base != covered:
-    raise AssertionError(f"vision.RULES out of date: params without a rule "
-                         f"{sorted(base - covered)}, rules without a param "
-                         f"{sorted(covered - base)}")
+  return rules.param_shapes(lambda: m.init(jax.random.PRNGKey(0), images))
 
 
 def find_prefix(keys: Iterable[str], candidates: Iterable[str], probe: str, what: str) -> str:
@@ -360,45 +281,15 @@ def find_prefix(keys: Iterable[str], candidates: Iterable[str], probe: str, what
 def read_params(reader: safetensors_io.TensorReader, m: ViT, image_size: int, prefix: str,
                 what: str, num_channels: int = 3) -> dict:
   """Our ViT params (nested dicts of float32 numpy) from the tensors under ``prefix``. Checks
-  every key is there (all missing ones named) and every converted shape."""
+  every key is there (all missing ones named) and every shape before reading any."""
   shapes = param_shapes(m, image_size, num_channels)
-  _check_table(m, shapes)
-  todo = entries(m, prefix)
-  missing = sorted({k for _, k, _ in todo if k not in reader.files})
-  if missing:
-    more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
-    raise ConfigError(f"{what}: missing tensors {missing[:8]}{more} that its config.json "
-                      f"implies")
-  flat = {}
-  for ours, key, rule in todo:
-    try:
-      x = np.ascontiguousarray(rule.read(reader.get(key), m), dtype=np.float32)
-    except ValueError:  # a reshape that the tensor's size does not allow
-      x = None
-    if x is None or x.shape != shapes[ours]:
-      raise ConfigError(f"{what}: tensor {key!r} of shape {reader.shape(key)} gives {ours} "
-                        f"of shape {getattr(x, 'shape', '?')}, but config.json implies "
-                        f"{shapes[ours]}")
-    flat[ours] = x
-  return nest(flat)
+  rules.check_table("vision.RULES", shapes, entries(m))
+  return rules.read(reader, entries(m, prefix), m, shapes, what, sort_missing=True)
 
 
 def hf_tensors(m: ViT, params: Any, prefix: str) -> dict[str, np.ndarray]:
   """``{HF key: tensor}`` of our params (packed parts concatenated in order)."""
-  flat = flatten(jax.device_get(nn.meta.unbox(params)))
-  parts: dict[str, dict[int, np.ndarray]] = {}
-  out = {}
-  for ours, key, rule in entries(m, prefix):
-    if ours not in flat:
-      raise ConfigError(f"params have no {ours!r} (the export needs it)")
-    x = rule.to_hf(np.asarray(flat[ours]), m)
-    if rule.part is None:
-      out[key] = x
-    else:
-      parts.setdefault(key, {})[rule.part[0]] = x
-  for key, chunks in parts.items():
-    out[key] = np.concatenate([chunks[j] for j in sorted(chunks)], axis=0)
-  return out
+  return rules.write(entries(m, prefix), nn.meta.unbox(params), m, "vision tower")
 
 
 def image_size_of(m: ViT, params: Any) -> int:
@@ -432,9 +323,7 @@ def save(directory: str, model: ViT, params: Any, model_type: str | None = None,
   if model_type is None or model_type not in ARCHITECTURES:
     raise ConfigError(f"model_type={model_type!r}: a ViT is written as one of "
                       f"{sorted(ARCHITECTURES)} when its options match (see config_to_hf)")
-  params = nn.meta.unbox(params)
-  if set(params) == {"params"}:
-    params = params["params"]
+  params = rules.bare_params(params)
   kernel = np.asarray(params["embedding"]["kernel"])
   cfg = config_to_hf(model, image_size_of(model, params), model_type,
                      num_channels=kernel.shape[2], dtype=np.dtype(kernel.dtype).name)
@@ -451,23 +340,8 @@ def weight_sources(directory: str, dst: str = "params", hf_config: dict | None =
   m, _ = config_from_hf(hf_config)
   prefix = find_prefix(safetensors_io.key_files(directory), PREFIXES[hf_config["model_type"]],
                        RULES[0].hf, directory)
-  key_fn, convert = source_fns(m, prefix)
+  key_fn, convert = rules.source_fns([(entries(m, prefix), m, "")])
   return [WeightSource(path=directory, dst=dst, key_fn=key_fn, convert=convert, what=what)]
-
-
-def source_fns(m: ViT, prefix: str, under: str = "") -> tuple[Callable, Callable]:
-  """``(key_fn, convert)`` of a :class:`bigvl.checkpoint.WeightSource` for the ViT ``m``
-  whose params sit at ``under`` (``''`` or e.g. ``'vision/'``) below the source's ``dst``;
-  ``key_fn`` gives None for paths outside it (LoRA adapters)."""
-  table = {under + ours: (key, rule) for ours, key, rule in entries(m, prefix)}
-
-  def key_fn(rel: str) -> str | None:
-    return table[rel][0] if rel in table else None
-
-  def convert(rel: str, x: np.ndarray) -> np.ndarray:
-    return table[rel][1].read(x, m)
-
-  return key_fn, convert
 
 
 def hf_outputs(m: ViT, params: Any, images: jax.Array) -> dict[str, jax.Array]:
@@ -476,13 +350,3 @@ def hf_outputs(m: ViT, params: Any, images: jax.Array) -> dict[str, jax.Array]:
   if m.has_cls:  # CLIP: post_layernorm on the pooled CLS token only
     tokens = m.apply({"params": params}, images, feature_layer=-1)
   return {"last_hidden_state": tokens, "pooler_output": pooled}
-
-
-def flatten(tree: Any) -> dict[str, Any]:
-  """Nested dicts -> ``{'a/b/c': leaf}``."""
-  return traverse_util.flatten_dict(tree, sep="/")
-
-
-def nest(flat: dict[str, Any]) -> dict:
-  """``{'a/b/c': leaf}`` -> nested dicts."""
-  return traverse_util.unflatten_dict(flat, sep="/")

@@ -35,9 +35,10 @@ def dense(features: int, names: tuple[str | None, str | None], *, name: str, dty
                   bias_init=named(nn.initializers.zeros_init(), names[1]))
 
 
-def layer_norm(*, name: str, dtype: Any = None) -> nn.LayerNorm:
-  """``nn.LayerNorm`` with ``norm``-named scale and bias."""
-  return nn.LayerNorm(dtype=dtype, name=name,
+def layer_norm(eps: float = 1e-6, *, name: str, dtype: Any = None) -> nn.LayerNorm:
+  """``nn.LayerNorm`` with ``norm``-named scale and bias and epsilon ``eps`` (default flax's):
+  ``(x - mean) / sqrt(var + eps) * scale + bias``."""
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
                       scale_init=named(nn.initializers.ones_init(), "norm"),
                       bias_init=named(nn.initializers.zeros_init(), "norm"))
 

@@ -44,14 +44,6 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
   return ACTIVATIONS[name]
 
 
-def layer_norm(eps: float = 1e-6, *, name: str, dtype: jnp.dtype | None = None) -> nn.LayerNorm:
-  """``logical.layer_norm`` (``norm``-named scale and bias) with epsilon ``eps``:
-  ``(x - mean) / sqrt(var + eps) * scale + bias``."""
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
-                      scale_init=logical.named(nn.initializers.ones_init(), "norm"),
-                      bias_init=logical.named(nn.initializers.zeros_init(), "norm"))
-
-
 def attention(num_heads: int, dtype: jnp.dtype, *, name: str) -> nn.MultiHeadDotProductAttention:
   """Multi-head attention with logical axes: q/k/v kernels ``[embed, heads, kv]``, the output
   kernel ``[heads, kv, embed]``."""
@@ -88,10 +80,10 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    y = layer_norm(self.norm_eps, dtype=self.dtype, name="ln1")(x)
+    y = logical.layer_norm(self.norm_eps, dtype=self.dtype, name="ln1")(x)
     y = attention(self.num_heads, self.dtype, name="attn")(y, y, mask=mask)
     x = x + y
-    y = layer_norm(self.norm_eps, dtype=self.dtype, name="ln2")(x)
+    y = logical.layer_norm(self.norm_eps, dtype=self.dtype, name="ln2")(x)
     return x + MlpBlock(self.mlp_dim, self.dtype, self.activation, name="mlp")(y)
 
 
@@ -134,7 +126,7 @@ class Encoder(nn.Module):
         hidden = x
     if layer is not None and not self.is_initializing():
       return hidden
-    out = layer_norm(self.norm_eps, dtype=self.dtype, name="ln_final")(x)
+    out = logical.layer_norm(self.norm_eps, dtype=self.dtype, name="ln_final")(x)
     return out if layer is None else hidden
 
 
@@ -154,5 +146,5 @@ class MAPHead(nn.Module):
     probe = jnp.broadcast_to(probe, (x.shape[0], 1, x.shape[-1]))
     y = attention(self.num_heads, self.dtype, name="attn")(probe, x)
     mlp = MlpBlock(self.mlp_dim, self.dtype, self.activation, name="mlp")
-    y = y + mlp(layer_norm(self.norm_eps, name="ln")(y))
+    y = y + mlp(logical.layer_norm(self.norm_eps, name="ln")(y))
     return y[:, 0]

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from bigvl.models import logical
-from bigvl.models.transformer import Encoder, MAPHead, layer_norm
+from bigvl.models.transformer import Encoder, MAPHead
 
 POOLS = ("gap", "map", "tok", "none")
 
@@ -74,7 +74,7 @@ class ViT(nn.Module):
                                                     "embed"), (1, x.shape[1], d), x.dtype)
     x = x + pos
     if self.pre_norm:
-      x = layer_norm(self.norm_eps, dtype=self.dtype, name="pre_ln")(x)
+      x = logical.layer_norm(self.norm_eps, dtype=self.dtype, name="pre_ln")(x)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.remat, self.dtype,
                 self.activation, self.norm_eps, name="encoder")(x, layer=feature_layer)
     if feature_layer is not None and not self.is_initializing():

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from bigvl import checkpoint, convert  # noqa: E402
 from bigvl.config import ConfigError  # noqa: E402
-from bigvl.convert import llama  # noqa: E402
+from bigvl.convert import llama, rules  # noqa: E402
 from bigvl.models.llm import LLM  # noqa: E402
 from bigvl.models.lora import LoraConfig  # noqa: E402
 
@@ -147,7 +147,7 @@ def test_export_merges_lora(hf_llama, loaded, tmp_path):
   base = _flat(params)
   flat.update(base)
   assert {p for p in flat if p.endswith("lora_b")} and set(base) < set(flat)
-  tree = llama._nest(flat)
+  tree = rules.nest(flat)
   want = np.asarray(adapted.apply({"params": tree}, ids))
   assert np.abs(want - np.asarray(model.apply({"params": params}, ids))).max() > 1e-2
   out = str(tmp_path / "lora")
@@ -253,6 +253,20 @@ def test_unsupported_configs_are_config_errors(hf_llama, tmp_path, change, match
   shutil.copy(os.path.join(hf_llama[0], "model.safetensors"), tmp_path)
   with pytest.raises(ConfigError, match=match):
     convert.load_hf_checkpoint(str(tmp_path))
+
+
+def test_rope_error_names_the_config_once():
+  cfg = dict(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=16,
+             num_hidden_layers=1, num_attention_heads=2,
+             rope_scaling={"type": "linear", "factor": 2.0})
+  with pytest.raises(ConfigError, match="rope_type='linear'") as e:
+    llama.config_from_hf(cfg)
+  assert str(e.value).count("config.json (model_type='llama')") == 1, str(e.value)
+
+
+def test_sparse_text_config_takes_llama_defaults():
+  c = llama.config_from_hf(llama.text_config({"vocab_size": 64, "head_dim": None}))
+  assert (c.vocab_size, c.width, c.depth, c.num_heads, c.head_dim) == (64, 4096, 32, 32, 128)
 
 
 # --- (e) pretrained init: straight into shards ------------------------------------------------

@@ -141,9 +141,9 @@ def test_weight_sources_read_like_load(hf_llava, loaded):
   from jax.sharding import SingleDeviceSharding
 
   from bigvl import checkpoint
-  from bigvl.convert import vision
+  from bigvl.convert import rules
 
-  want = vision.flatten(loaded[1])
+  want = rules.flatten(loaded[1])
   sharding = SingleDeviceSharding(jax.devices()[0])
   targets = {p: jax.ShapeDtypeStruct(v.shape, np.float32, sharding=sharding)
              for p, v in want.items()}

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from bigvl import convert  # noqa: E402
 from bigvl.config import ConfigError  # noqa: E402
-from bigvl.convert import vision  # noqa: E402
+from bigvl.convert import rules, vision  # noqa: E402
 from bigvl.models.vit import ViT  # noqa: E402
 
 TOL = 1e-4
@@ -192,7 +192,7 @@ def test_weight_sources_read_like_load(kind, hf_towers, loaded):
   from bigvl import checkpoint
 
   _, params = loaded[kind]
-  want = vision.flatten(params)
+  want = rules.flatten(params)
   sharding = SingleDeviceSharding(jax.devices()[0])
   targets = {p: jax.ShapeDtypeStruct(v.shape, np.float32, sharding=sharding)
              for p, v in want.items()}
