@@ -54,6 +54,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -66,6 +67,9 @@ from bigvl.data.tokenizer import Tokenizer, word_tokenizer_from_vocab
 
 #: the image placeholder of templates; expanded to ``num_image_tokens`` copies of its id.
 IMAGE = "<image>"
+#: where a template puts the learned soft-prompt vectors (``bigvl.models.soft_prompt``):
+#: ``K`` copies of the model's soft-prompt id, or nothing when the model has none.
+SOFT_PROMPT = "<soft_prompt>"
 BOS = "[BOS]"
 TEMPLATES_PATH = os.path.join(os.path.dirname(__file__), "chat_templates.json")
 #: the keys of one packed row (:func:`pack_row`), besides ``images``.
@@ -123,7 +127,7 @@ def template_words(path: str | None = None) -> list[str]:
 
   texts = list(load_questions(path).values())
   for t in load_templates(path).values():
-    texts += [t.system, t.prompt.replace(IMAGE, " "), t.answer]
+    texts += [t.system, t.prompt.replace(IMAGE, " ").replace(SOFT_PROMPT, " "), t.answer]
   words = set()
   for text in texts:
     text = text.replace("{system}", " ").replace("{question}", " ").replace("{answer}", " ")
@@ -156,7 +160,8 @@ class ChatEncoder:
 
   def __init__(self, tokenizer: Tokenizer, template: str | ChatTemplate,
                num_image_tokens: int, *, default_question: str = "caption",
-               templates_path: str | None = None, image_token: str = IMAGE):
+               templates_path: str | None = None, image_token: str = IMAGE,
+               soft_prompt_id: int | None = None, num_soft_prompt_tokens: int = 0):
     if isinstance(template, str):
       known = load_templates(templates_path)
       if template not in known:
@@ -168,6 +173,9 @@ class ChatEncoder:
     self.questions = load_questions(templates_path)
     self.default_question = default_question
     self.image_token_id = tokenizer.token_id(image_token)
+    if num_soft_prompt_tokens and soft_prompt_id is None:
+      raise ConfigError("soft prompt tokens need the model's soft_prompt_id")
+    self.soft_prompt_ids = [soft_prompt_id] * num_soft_prompt_tokens
     for want, have, what in ((template.bos, tokenizer.bos_id, "BOS"),
                              (template.eos, tokenizer.eos_id, "EOS")):
       if want and have is None:
@@ -188,15 +196,17 @@ class ChatEncoder:
     return self.tokenizer.ids([text], bos=False, eos=False)[0] if text.strip() else []
 
   def prompt_ids(self, question: str | None = None) -> list[int]:
-    """``[BOS] prompt`` with ``<image>`` as ``N`` placeholder ids: where generation starts."""
+    """``[BOS] prompt`` with ``<image>`` as ``N`` placeholder ids and ``<soft_prompt>`` as
+    the soft-prompt ids (none without a soft prompt): where generation starts."""
     q = self.question_text(question)
     if q not in self._prompts:
       t = self.template
       text = t.prompt.replace("{system}", t.system).replace("{question}", q)
-      before, after = text.split(IMAGE)
-      self._prompts[q] = (([self.tokenizer.bos_id] if t.bos else []) + self._text_ids(before)
-                          + [self.image_token_id] * self.num_image_tokens
-                          + self._text_ids(after))
+      ids = [self.tokenizer.bos_id] if t.bos else []
+      for piece in re.split(f"({re.escape(IMAGE)}|{re.escape(SOFT_PROMPT)})", text):
+        ids += ([self.image_token_id] * self.num_image_tokens if piece == IMAGE else
+                self.soft_prompt_ids if piece == SOFT_PROMPT else self._text_ids(piece))
+      self._prompts[q] = ids
     return list(self._prompts[q])
 
   def answer_ids(self, answer: str) -> list[int]:

@@ -126,8 +126,10 @@ class Task(base.Task):
         feature_select=check_choice("config.model.feature_select",
                                     m.typed("feature_select", str, "default"),
                                     lvlm.FEATURE_SELECT))
-    self.chat = captioning.ChatEncoder(tok, inp.typed("template", str, "plain"),
-                                       self.model.num_image_tokens)
+    self.chat = captioning.ChatEncoder(
+        tok, inp.typed("template", str, "plain"), self.model.num_image_tokens,
+        soft_prompt_id=self.model.lm.soft_prompt_id,
+        num_soft_prompt_tokens=self.soft_prompt_tokens)
     question = inp.get("question")
     answer_key = inp.get("answer_key") or "caption"
     self.transform = transforms.build(

@@ -139,6 +139,15 @@ def test_encode_masks_the_answer_and_its_eos_only(tok, name):
     assert cap.decode_generated(tok, tokens[None, len(prompt):]) == [answer]
 
 
+@pytest.mark.parametrize("name", ["plain", "vicuna_v1"])
+def test_soft_prompt_placeholders_go_where_the_template_says(tok, name):
+  plain = cap.ChatEncoder(tok, name, num_image_tokens=N).prompt_ids()
+  soft = cap.ChatEncoder(tok, name, num_image_tokens=N, soft_prompt_id=999,
+                         num_soft_prompt_tokens=3).prompt_ids()
+  at = plain.index(tok.token_id(cap.IMAGE))  # the templates put them right before the image
+  assert soft == plain[:at] + [999] * 3 + plain[at:]
+
+
 def test_truncation_cuts_the_answer_and_its_eos(tok):
   chat = cap.ChatEncoder(tok, "plain", num_image_tokens=N)
   enc = chat.encode("a red circle left of a blue square", max_len=N + 4)

@@ -57,19 +57,22 @@ def _changed(a, b):
   return jax.tree.map(lambda x, y: not np.array_equal(x, y), a, b)
 
 
-@pytest.mark.parametrize("arg,trained", [
-    ("tiny,stage=2,lora=True", r"^projector/|lora_[ab]$"),
-    ("tiny", r"^projector/"),  # stage 1's regex, set by hand: no init_from to read here
+@pytest.mark.parametrize("arg,trained,soft", [
+    ("tiny,stage=2,lora=True", r"^projector/|lora_[ab]$", 0),
+    ("tiny", r"^projector/", 0),  # stage 1's regex, set by hand: no init_from to read here
+    ("tiny", r"^projector/|soft_prompt/", 4),  # soft prompt vectors spliced by the template
 ])
 def test_only_the_named_parts_train_and_the_rest_stays_bit_identical(shapes_data_dir, arg,
-                                                                      trained):
-  c = lvlm_config(shapes_data_dir, arg, **{"model.trainable": trained, "mesh.data": 1})
+                                                                      trained, soft):
+  c = lvlm_config(shapes_data_dir, arg, **{"model.trainable": trained, "mesh.data": 1,
+                                           "model.soft_prompt_tokens": soft})
   c.init_from = {}
   run, fns, state, data = compiled(c, jax.devices()[:1])
   paths = [parallel.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(
       state["params"])]
   assert paths and all(p.startswith("projector/") or p.endswith(("lora_a", "lora_b"))
-                       for p in paths)
+                       or "soft_prompt/" in p for p in paths)
+  assert any("soft_prompt/" in p for p in paths) == bool(soft)
   if "lora" in arg:
     assert any(p.endswith("lora_a") for p in paths)
   frozen0, params0 = parallel.to_host(state["frozen"]), parallel.to_host(state["params"])
