@@ -54,6 +54,8 @@ def test_preparing_a_dataset_prints_one_line_and_nothing_from_tf_or_tfds(tmp_pat
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stdout == (f"bigvl: preparing shapes_captions/small/1.1.0 under {tmp_path} "
-                        "(once)\n")
+  from bigvl.data.builders.shapes_captions import ShapesCaptions
+
+  assert out.stdout == (f"bigvl: preparing shapes_captions/small/{ShapesCaptions.VERSION} "
+                        f"under {tmp_path} (once)\n")
   assert out.stderr == ""
