@@ -228,8 +228,10 @@ class LLM(nn.Module):
     return x
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    if self.config.tie_embeddings:
-      out = self.embed.attend(hidden.astype(self.config.dtype))
+    if self.config.tie_embeddings:  # h E^T, contracting E's rows in place (no transpose copy)
+      table = self.embed.embedding.astype(self.config.dtype)
+      out = jax.lax.dot_general(hidden.astype(self.config.dtype), table,
+                                (((hidden.ndim - 1,), (1,)), ((), ())))
     else:
       out = self.lm_head(hidden)
     return logical.constrain(out.astype(jnp.float32), "batch", "length", "act_vocab")
