@@ -25,22 +25,26 @@ def _build(cls_name: str, config_name: str, seed: int, **kw):
   return model.eval()
 
 
+def _saved(tmp_path_factory, name: str, *args, **kw):
+  """``(directory, torch model)`` of :func:`_build` saved as safetensors."""
+  model = _build(*args, **kw)
+  path = str(tmp_path_factory.mktemp(name))
+  model.save_pretrained(path, safe_serialization=True)
+  return path, model
+
+
 @pytest.fixture(scope="session")
 def hf_llama(tmp_path_factory):
   """``(directory, torch model)``: untied Llama."""
-  model = _build("LlamaForCausalLM", "LlamaConfig", 0, tie_word_embeddings=False)
-  path = str(tmp_path_factory.mktemp("llama"))
-  model.save_pretrained(path, safe_serialization=True)
-  return path, model
+  return _saved(tmp_path_factory, "llama", "LlamaForCausalLM", "LlamaConfig", 0,
+                tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="session")
 def hf_qwen2(tmp_path_factory):
   """``(directory, torch model)``: Qwen2 with tied embeddings."""
-  model = _build("Qwen2ForCausalLM", "Qwen2Config", 1, tie_word_embeddings=True)
-  path = str(tmp_path_factory.mktemp("qwen2"))
-  model.save_pretrained(path, safe_serialization=True)
-  return path, model
+  return _saved(tmp_path_factory, "qwen2", "Qwen2ForCausalLM", "Qwen2Config", 1,
+                tie_word_embeddings=True)
 
 
 @pytest.fixture(params=["llama", "qwen2"])

@@ -100,3 +100,28 @@ def test_sharded_step_equals_the_one_device_step(shapes_data_dir):
   assert any("tensor" in s for s in specs8) and any("fsdp" in s for s in specs8)
   np.testing.assert_allclose(l8, l1, rtol=2e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), p8, p1)
+
+
+def test_a_public_lm_directory_initialises_the_lvlm_decoder(shapes_data_dir, tmp_path):
+  """``init_from.lm = {path: <config.json + safetensors dir>, dst: 'params/lm'}``: after a
+  fresh init the decoder holds the checkpoint's weights (converted layouts), the rest not."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=128, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+      rms_norm_eps=1e-6))
+  hf.save_pretrained(str(tmp_path), safe_serialization=True)
+  c = lvlm_config(shapes_data_dir, "tiny", **{"mesh.data": 2, "mesh.fsdp": 2,
+                                              "mesh.tensor": 2, "model.lm.vocab_size": 128})
+  c.init_from = {"lm": {"path": str(tmp_path), "dst": "params/lm"}}
+  _, _, state, _ = compiled(c, jax.devices()[:8])
+  lm = parallel.to_host(state["params"]["lm"])
+  sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+  np.testing.assert_array_equal(lm["embed"]["embedding"], sd["model.embed_tokens.weight"])
+  q1 = sd["model.layers.1.self_attn.q_proj.weight"]  # [heads * head_dim, width]
+  np.testing.assert_array_equal(lm["layers"]["attn"]["q"]["kernel"][1],
+                                q1.T.reshape(64, 4, 16))
+  np.testing.assert_array_equal(lm["layers"]["mlp"]["down"]["kernel"][0],
+                                sd["model.layers.0.mlp.down_proj.weight"].T)
