@@ -83,10 +83,11 @@ def main() -> None:
   peak = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
           - m.alias_size_in_bytes) / gib
   lines = [f"# {os.path.basename(a.config)}: train-step memory from XLA's analysis", "",
-           f"Command: `python bench/lvlm_memory.py --config {a.config} --devices {a.devices}`"
-           f" ({' '.join('--set ' + s for s in a.set)})".rstrip(" ()"), "",
+           f"Command: `python bench/lvlm_memory.py --config {a.config} --devices {a.devices}"
+           f"{''.join(' --set ' + kv for kv in a.set)} --data_dir DIR`", "",
            f"Mesh {dict(run.mesh.shape)} ({n_dev} simulated CPU devices); global batch {b} "
-           f"rows x {t} tokens, {k} image(s) of {s}x{s} a row; model dtype "
+           f"rows x {t} tokens in {run.microbatches} microbatch(es), {k} image(s) of {s}x{s} "
+           f"a row; LoRA rank {c.model.lora.rank}; model dtype "
            f"{c.model.dtype}, parameters stored float32; compile {secs:.0f} s.", "",
            "| quantity | GiB |", "|---|---:|"]
   lines += [f"| {name} | {v:.2f} |" for name, v in rows]
