@@ -84,3 +84,24 @@ def test_bad_arguments_are_refused(lm):
     gen.generate(model, params, [[1]], 3, temperature=0.7)
   with pytest.raises(ValueError, match="empty"):
     gen.generate(model, params, [[1], []], 3)
+
+
+def test_sharded_parameters_generate_the_same_tokens(lm):
+  """Parameters sharded by their logical names over fsdp x tensor = 4 x 2: same tokens."""
+  from bigvl import parallel
+
+  model, params = lm
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 4, "tensor": 2}, jax.devices()[:8])
+  boxed = jax.eval_shape(model.init, jax.random.key(7), jnp.zeros((1, 3), jnp.int32))
+  names = parallel.logical_names(boxed["params"])
+  rules = parallel.check_logical_rules(None)
+
+  def place(path, x):
+    spec = parallel.logical_to_spec(names[parallel.path_str(path)], x.shape, rules, mesh)
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+
+  sharded = jax.tree_util.tree_map_with_path(place, params)
+  assert any("tensor" in str(x.sharding.spec) for x in jax.tree.leaves(sharded))
+  prompts = [[3, 5, 7], [9, 2, 4, 6], [1], [8, 8]]
+  np.testing.assert_array_equal(gen.generate(model, sharded, prompts, 6),
+                                gen.generate(model, params, prompts, 6))
