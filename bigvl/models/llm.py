@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from bigvl.models import logical, splice
 from bigvl.models.lora import LoraConfig, Projection
-from bigvl.models.soft_prompt import SoftPrompt
+from bigvl.models.soft_prompt import SoftPrompt, SoftPromptSpec
 
 Cache = dict[str, jax.Array]
 #: remat policies by config name (``config.model.remat``).
@@ -63,10 +63,9 @@ class LLMConfig:
   remat: str = "none"
   dtype: Any = jnp.float32
   lora: LoraConfig = LoraConfig()
-  #: soft prompt: ``soft_prompt_tokens`` learned vectors replace the copies of
-  #: ``soft_prompt_id`` in the input (:mod:`bigvl.models.soft_prompt`).
-  soft_prompt_tokens: int = 0
-  soft_prompt_id: int = -1
+  #: soft prompts: learned vectors replace the copies of each one's placeholder id in the
+  #: input (:mod:`bigvl.models.soft_prompt`); parameters ``soft_prompts_<j>``.
+  soft_prompts: tuple[SoftPromptSpec, ...] = ()
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -212,8 +211,7 @@ class LLM(nn.Module):
                                                        "embed"), name="embed")
     self.layers = _scanned_layers(c)(c, name="layers")
     self.final_norm = RMSNorm(c.norm_eps, c.dtype, name="final_norm")
-    if c.soft_prompt_tokens:
-      self.soft_prompt = SoftPrompt(c.soft_prompt_tokens, c.width, name="soft_prompt")
+    self.soft_prompts = [SoftPrompt(spec, c.width) for spec in c.soft_prompts]
     if not c.tie_embeddings:
       self.lm_head = Projection((c.vocab_size,), ("embed", "vocab"), dtype=c.dtype,
                                 name="lm_head")
@@ -223,8 +221,10 @@ class LLM(nn.Module):
     soft prompt) embed as id 0 until spliced; soft-prompt vectors are spliced in here."""
     c = self.config
     x = self.embed(splice.safe_ids(input_ids, c.vocab_size)).astype(c.dtype)
-    if c.soft_prompt_tokens:
-      x = splice.splice(x, input_ids, c.soft_prompt_id, self.soft_prompt())
+    for spec, prompt in zip(c.soft_prompts, self.soft_prompts, strict=True):
+      init = (self.embed(jnp.asarray(spec.init_ids, jnp.int32)).astype(c.dtype)
+              if spec.init_ids else None)
+      x = splice.splice(x, input_ids, spec.id, prompt(init))
     return x
 
   def logits(self, hidden: jax.Array) -> jax.Array:

@@ -44,6 +44,7 @@ from bigvl.data.tokenizer import Tokenizer
 from bigvl.models import dtypes, lvlm
 from bigvl.models.llm import REMAT_POLICIES, LLMConfig
 from bigvl.models.lora import LoraConfig
+from bigvl.models.soft_prompt import SoftPromptSpec
 from bigvl.models.vit import ViT
 from bigvl.tasks import base
 
@@ -65,8 +66,8 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array
                                   "answer_tokens": mask.sum()}
 
 
-def lm_config(r: Reader, vocab_size: int, lora: LoraConfig, soft_prompt_tokens: int,
-              soft_prompt_id: int, dtype: Any) -> LLMConfig:
+def lm_config(r: Reader, vocab_size: int, lora: LoraConfig,
+              soft_prompts: tuple[SoftPromptSpec, ...], dtype: Any) -> LLMConfig:
   """``config.model.lm`` -> :class:`LLMConfig` (unknown keys refused)."""
   fields = {k: r.get(k) for k in LM_FIELDS[1:] if r.get(k) is not None}
   unknown = set(r.keys()) - set(LM_FIELDS)
@@ -75,8 +76,8 @@ def lm_config(r: Reader, vocab_size: int, lora: LoraConfig, soft_prompt_tokens: 
   if "remat" in fields:
     check_choice(f"{r.path}.remat", fields["remat"], tuple(REMAT_POLICIES))
   try:
-    return LLMConfig(vocab_size=vocab_size, lora=lora, soft_prompt_tokens=soft_prompt_tokens,
-                     soft_prompt_id=soft_prompt_id, dtype=dtype, **fields)
+    return LLMConfig(vocab_size=vocab_size, lora=lora, soft_prompts=soft_prompts, dtype=dtype,
+                     **fields)
   except (TypeError, ValueError) as e:
     raise ConfigError(f"{r.path}: {e}") from None
 
@@ -119,8 +120,9 @@ class Task(base.Task):
     # is rounded up to shard evenly, or as large as a public LM's (``model.lm.vocab_size``)
     vocab = max(-(-(tok.vocab_size + 1) // 64) * 64, m.lm.typed("vocab_size", int, 0))
     self.model = lvlm.LVLM(
-        vision=ViT(**vision), lm=lm_config(m.lm, vocab, lora, self.soft_prompt_tokens,
-                                            tok.vocab_size, dtype),
+        vision=ViT(**vision), lm=lm_config(
+            m.lm, vocab, lora, (SoftPromptSpec(tok.vocab_size, self.soft_prompt_tokens),)
+            if self.soft_prompt_tokens else (), dtype),
         image_token_id=tok.token_id(captioning.IMAGE), image_size=self.image_size,
         feature_layer=m.typed("feature_layer", int, -2),
         feature_select=check_choice("config.model.feature_select",
@@ -128,7 +130,7 @@ class Task(base.Task):
                                     lvlm.FEATURE_SELECT))
     self.chat = captioning.ChatEncoder(
         tok, inp.typed("template", str, "plain"), self.model.num_image_tokens,
-        soft_prompt_id=self.model.lm.soft_prompt_id,
+        soft_prompt_id=tok.vocab_size,
         num_soft_prompt_tokens=self.soft_prompt_tokens)
     question = inp.get("question")
     answer_key = inp.get("answer_key") or "caption"

@@ -9,6 +9,7 @@ import pytest
 
 from bigvl import generate as gen
 from bigvl.models import llm, lora
+from bigvl.models.soft_prompt import SoftPromptSpec
 from bigvl.parallel import unbox
 
 CFG = llm.LLMConfig(vocab_size=97, width=32, depth=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -133,13 +134,16 @@ def test_lora_dropout_only_with_a_dropout_rng():
 
 
 def test_soft_prompt_vectors_replace_the_placeholders():
-  config = llm.LLMConfig(**{**CFG.__dict__, "soft_prompt_tokens": 3, "soft_prompt_id": 200})
+  """Two prompts: a random one, and one that starts at the embeddings of tokens 11, 12."""
+  config = llm.LLMConfig(**{**CFG.__dict__, "soft_prompts": (
+      SoftPromptSpec(200, 3), SoftPromptSpec(201, 2, (11, 12)))})
   model, params = init(config)
-  ids = jnp.array([[1, 200, 200, 200, 7, 8]])
+  ids = jnp.array([[1, 200, 200, 200, 7, 201, 201, 8]])
   hidden_in = model.apply({"params": params}, ids, method=model.embed_tokens)
-  prompt = params["soft_prompt"]["prompt"]
-  np.testing.assert_array_equal(hidden_in[0, 1:4], prompt)
-  np.testing.assert_array_equal(hidden_in[0, 4], params["embed"]["embedding"][7])
-  # the prompt gets gradient; the frozen-looking rows it replaced do not depend on id 0
+  table = params["embed"]["embedding"]
+  np.testing.assert_array_equal(hidden_in[0, 1:4], params["soft_prompts_0"]["prompt"])
+  np.testing.assert_array_equal(hidden_in[0, 4], table[7])
+  np.testing.assert_array_equal(hidden_in[0, 5:7], table[11:13])  # Delta = 0 at init
   g = jax.grad(lambda p: model.apply({"params": p}, ids)[0, -1].sum())(params)
-  assert np.abs(g["soft_prompt"]["prompt"]).min() > 0
+  assert np.abs(g["soft_prompts_0"]["prompt"]).min() > 0
+  assert np.abs(g["soft_prompts_1"]["delta"]).min() > 0

@@ -9,6 +9,7 @@ import pytest
 
 from bigvl.models.llm import LLM, LLMConfig
 from bigvl.models.lvlm import LVLM
+from bigvl.models.soft_prompt import SoftPromptSpec
 from bigvl.models.vit import ViT
 
 SIZE, VOCAB = 8, 64
@@ -137,12 +138,12 @@ def test_cached_decode_matches_full_forward(params):
 def test_soft_prompt_and_image_placeholders_in_one_row():
   """Soft-prompt vectors and image features both land at their own placeholders."""
   sp = VOCAB + 1
-  m = LVLM(TOWER, LLMConfig(**{**LM.__dict__, "soft_prompt_tokens": 2, "soft_prompt_id": sp}),
+  m = LVLM(TOWER, LLMConfig(**{**LM.__dict__, "soft_prompts": (SoftPromptSpec(sp, 2),)}),
            image_token_id=IMG, image_size=SIZE)
   ids = _ids([[1, sp, sp] + [IMG] * N + [3]])
   p = nn.unbox(m.init(jax.random.key(1), ids, _images(1))["params"])
   emb = m.apply({"params": p}, ids, _images(1), method=m.embed)
-  np.testing.assert_array_equal(emb[0, 1:3], p["lm"]["soft_prompt"]["prompt"])
+  np.testing.assert_array_equal(emb[0, 1:3], p["lm"]["soft_prompts_0"]["prompt"])
   feats = m.apply({"params": p}, _images(1), method=m.image_features)
   np.testing.assert_allclose(emb[0, 3:3 + N], feats[0], atol=1e-6)
   np.testing.assert_array_equal(emb[0, -1], p["lm"]["embed"]["embedding"][3])

@@ -60,7 +60,7 @@ def _changed(a, b):
 @pytest.mark.parametrize("arg,trained,soft", [
     ("tiny,stage=2,lora=True", r"^projector/|lora_[ab]$", 0),
     ("tiny", r"^projector/", 0),  # stage 1's regex, set by hand: no init_from to read here
-    ("tiny", r"^projector/|soft_prompt/", 4),  # soft prompt vectors spliced by the template
+    ("tiny", r"^projector/|soft_prompts_", 4),  # soft prompt vectors spliced by the template
 ])
 def test_only_the_named_parts_train_and_the_rest_stays_bit_identical(shapes_data_dir, arg,
                                                                       trained, soft):
@@ -71,8 +71,8 @@ def test_only_the_named_parts_train_and_the_rest_stays_bit_identical(shapes_data
   paths = [parallel.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(
       state["params"])]
   assert paths and all(p.startswith("projector/") or p.endswith(("lora_a", "lora_b"))
-                       or "soft_prompt/" in p for p in paths)
-  assert any("soft_prompt/" in p for p in paths) == bool(soft)
+                       or "soft_prompts_" in p for p in paths)
+  assert any("soft_prompts_" in p for p in paths) == bool(soft)
   if "lora" in arg:
     assert any(p.endswith("lora_a") for p in paths)
   frozen0, params0 = parallel.to_host(state["frozen"]), parallel.to_host(state["params"])
