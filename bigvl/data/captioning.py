@@ -121,11 +121,22 @@ def load_questions(path: str | None = None) -> dict[str, str]:
   return dict(_read(path or TEMPLATES_PATH)[1])
 
 
+def load_summary_prompts(path: str | None = None) -> dict:
+  """The discriminative summary prompts of the templates file: ``{'default': {'image',
+  'text'}, 'candidates': [{'image', 'text'}, ...]}`` (``bigvl.tasks.lvlm_disc``)."""
+  with open(path or TEMPLATES_PATH) as f:
+    data = json.load(f)["summary_prompts"]
+  return {"default": data["default"], "candidates": list(data["candidates"])}
+
+
 def template_words(path: str | None = None) -> list[str]:
   """Every word or punctuation mark of the file's templates and questions (lower case)."""
   from bigvl.data.builders.shapes_captions import WORD_RE
 
   texts = list(load_questions(path).values())
+  prompts = load_summary_prompts(path)
+  for pair in [prompts["default"], *prompts["candidates"]]:
+    texts += [pair["image"], pair["text"]]
   for t in load_templates(path).values():
     texts += [t.system, t.prompt.replace(IMAGE, " ").replace(SOFT_PROMPT, " "), t.answer]
   words = set()

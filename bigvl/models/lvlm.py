@@ -91,20 +91,27 @@ class LVLM(nn.Module):
     v = self.projector(f)
     return v.reshape(lead[:1] + (-1, v.shape[-1]))
 
-  def embed(self, input_ids: jax.Array, images: jax.Array | None = None) -> jax.Array:
-    """The LM's input embeddings ``[B, T, D_lm]`` with image features at the placeholders."""
+  def embed(self, input_ids: jax.Array, images: jax.Array | None = None,
+            image_features: jax.Array | None = None) -> jax.Array:
+    """The LM's input embeddings ``[B, T, D_lm]`` with image features (computed from
+    ``images``, or given: one vision pass serving several prompts) at the placeholders."""
     x = self.decoder.embed_tokens(input_ids)  # maps placeholders, splices soft prompts
-    if images is None:
+    if image_features is None and images is not None:
+      image_features = self.image_features(images)
+    if image_features is None:
       return x
-    return splice(x, input_ids, self.image_token_id, self.image_features(images))
+    return splice(x, input_ids, self.image_token_id, image_features)
 
   def __call__(self, input_ids: jax.Array, images: jax.Array | None = None, *,
                positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: Cache | None = None,
-               cache_index: jax.Array | int = 0, return_hidden: bool = False):
+               cache_index: jax.Array | int = 0, return_hidden: bool = False,
+               image_features: jax.Array | None = None):
     """input_ids ``[B, T]`` (``num_image_tokens`` placeholders per image), images ``[B, H, W,
-    C]`` / ``[B, K, H, W, C]`` or ``None``; the keywords are :class:`LLM`'s."""
-    return self.decoder(inputs_embeds=self.embed(input_ids, images), positions=positions,
+    C]`` / ``[B, K, H, W, C]`` or ``None`` (or their ``image_features``); the other keywords
+    are :class:`LLM`'s."""
+    return self.decoder(inputs_embeds=self.embed(input_ids, images, image_features),
+                        positions=positions,
                         attention_mask=attention_mask, segment_ids=segment_ids, cache=cache,
                         cache_index=cache_index, return_hidden=return_hidden)
 
