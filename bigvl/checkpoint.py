@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import logging
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -115,6 +116,9 @@ class WeightSource:
   dst: str = "params"
   src: str | None = None
   key_fn: Callable[[str], str | list[str] | None] | None = None
+  #: regex (``re.search``) over paths below ``dst`` that keep their fresh init (parameters
+  #: the file cannot have: new LoRA adapters, soft prompts).
+  keep_init: str | None = None
   convert: Callable[[str, np.ndarray], np.ndarray] | None = None
   what: str = "weights"
 
@@ -204,7 +208,9 @@ class _Plan:
       src = source.src or source.dst
       default_key = lambda rel: f"{src}/{rel}" if rel else src
     key_fn = source.key_fn or default_key
-    self.keys = {rel: key for rel in targets if (key := key_fn(rel)) is not None}
+    keep = re.compile(source.keep_init) if source.keep_init else None
+    self.keys = {rel: key for rel in targets
+                 if not (keep and keep.search(rel)) and (key := key_fn(rel)) is not None}
     if not source.is_safetensors and any(isinstance(k, list) for k in self.keys.values()):
       raise ConfigError(f"{source.what}: stacked keys (lists) are for safetensors only")
     for rel, key in self.keys.items():

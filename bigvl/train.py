@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import os
@@ -114,8 +115,9 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Run
 
 
 def read_init_from(r: Reader | None) -> list[checkpoint.WeightSource]:
-  """``config.init_from.<name> = {path, dst='params', src=None}``: weights read into the
-  state after a fresh init (never on resume), e.g. a previous run's image tower
+  """``config.init_from.<name> = {path, dst='params', src=None, keep_init=None}``: weights
+  read into the state after a fresh init (never on resume; ``keep_init``: a regex of paths
+  below ``dst`` the file lacks and that keep their init), e.g. a previous run's image tower
   ``{path: '/runs/siglip', dst: 'params/img'}``, a ``.safetensors`` file, or a Hugging Face
   checkpoint directory (``config.json`` + safetensors: :func:`bigvl.convert.weight_sources`
   maps its names and layouts, e.g. ``{path: '/ckpt/Qwen2-0.5B', dst: 'params/llm'}``)."""
@@ -130,10 +132,13 @@ def read_init_from(r: Reader | None) -> list[checkpoint.WeightSource]:
     if dst.partition("/")[0] not in ("params", "extra"):
       raise ConfigError(f"{c.path}.dst={dst!r} must start with 'params' or 'extra'")
     src = c.typed("src", str, None)
+    keep_init = c.typed("keep_init", str, None)  # regex: paths that keep their fresh init
     path = os.path.expanduser(path)
     # Read (and checked) only when a run starts fresh: a resumed run never needs the files.
     # A Hugging Face checkpoint: only its config.json is read here (gone on resume: skipped).
-    if os.path.isfile(os.path.join(path, "config.json")):
+    # (a bigvl workdir has a config.json too, but no safetensors next to it)
+    if os.path.isfile(os.path.join(path, "config.json")) and glob.glob(
+        os.path.join(path, "*.safetensors")):
       from bigvl import convert
 
       if src is not None:
@@ -141,7 +146,8 @@ def read_init_from(r: Reader | None) -> list[checkpoint.WeightSource]:
                           f"({path}); its names come from its config.json model_type")
       out.extend(convert.weight_sources(path, dst, what=what))
       continue
-    out.append(checkpoint.WeightSource(path=path, dst=dst, src=src, what=what))
+    out.append(checkpoint.WeightSource(path=path, dst=dst, src=src, what=what,
+                                       keep_init=keep_init))
   return out
 
 

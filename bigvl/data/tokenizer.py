@@ -136,6 +136,11 @@ class Tokenizer:
     return self._id(token, "the")
 
   @property
+  def unk_id(self) -> int | None:
+    """The id of ``[UNK]`` (the word-level tokenizers'), None if there is none."""
+    return self._tok.token_to_id(UNK)
+
+  @property
   def vocab_size(self) -> int:
     return self._tok.get_vocab_size()
 

@@ -22,16 +22,34 @@ from bigvl.evaluators._split import read_eval_split
 from bigvl.tasks.base import EvalView
 
 
+class Head:
+  """The first ``n`` records of a random-access source."""
+
+  def __init__(self, source: Any, n: int):
+    self._source, self._n = source, min(n, len(source))
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, i: int) -> Any:
+    if not 0 <= i < self._n:
+      raise IndexError(i)
+    return self._source[i]
+
+
 class SplitEmbedder:
   """Reads ``dataset`` (default: the task's), ``split``, ``batch_size``, ``num_captions``,
-  ``image_fn``, ``text_fn``."""
+  ``image_fn``, ``text_fn``. ``num_examples`` (given by the caller): only the split's first
+  that many examples."""
 
-  def __init__(self, cfg: Reader, task: EvalView, mesh: Mesh):
+  def __init__(self, cfg: Reader, task: EvalView, mesh: Mesh, num_examples: int | None = None):
     self.task, self.mesh = task, mesh
     task.require_kind("image_text", cfg.path)
     split = read_eval_split(cfg, task, mesh)
     self.dataset, self.batch_size = split.dataset, split.batch_size
     self.source, self.info = split.source, split.info
+    if num_examples is not None:
+      self.source = Head(self.source, num_examples)
     self.num_captions = positive_int(cfg, "num_captions", 1)
     self._transform = task.eval_transform("image_text", num_captions=self.num_captions)
     self._img = jax.jit(task.predict_fn(cfg.typed("image_fn", str, "embed_images"),
@@ -39,10 +57,13 @@ class SplitEmbedder:
     self._txt = jax.jit(task.predict_fn(cfg.typed("text_fn", str, "embed_texts"),
                                         f"{cfg.path}.text_fn"))
 
-  def embed(self, params: Any, state: Any, texts: bool = True) -> dict[str, np.ndarray]:
-    """``{'zimg': [N, E], 'ztxt': [N, C, E], 'label': [N]}`` in dataset order."""
+  def embed(self, params: Any, state: Any, texts: bool = True, source: Any = None
+            ) -> dict[str, np.ndarray]:
+    """``{'zimg': [N, E], 'ztxt': [N, C, E], 'label': [N]}`` in dataset order; ``source``:
+    other examples of the split's layout (random access) instead of the split."""
     out: dict[str, list] = {"zimg": [], "ztxt": [], "label": []}
-    for local, n in pipeline.eval_batches(self.source, self._transform, self.batch_size):
+    source = self.source if source is None else source
+    for local, n in pipeline.eval_batches(source, self._transform, self.batch_size):
       batch = parallel.global_batch(local, self.mesh)
       out["zimg"].append(parallel.to_host(self._img(params, state, {"image": batch["image"]}))[:n])
       if texts:

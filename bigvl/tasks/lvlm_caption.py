@@ -82,6 +82,50 @@ def lm_config(r: Reader, vocab_size: int, lora: LoraConfig,
     raise ConfigError(f"{r.path}: {e}") from None
 
 
+def compile_regex(where: str, pattern: str) -> re.Pattern:
+  """``pattern`` compiled, or a ConfigError naming ``where``."""
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ConfigError(f"{where}={pattern!r} is not a regex: {e}") from None
+
+
+def load_tokenizer(inp: Reader, data_dir: str) -> Tokenizer:
+  """``input.tokenizer`` (a public ``tokenizer.json``), else the shapes word tokenizer."""
+  path = inp.typed("tokenizer", str, None)
+  if path:
+    return Tokenizer(path)
+  return captioning.shapes_tokenizer(os.path.join(data_dir, "bigvl_tokenizers",
+                                                  "shapes_chat.json"))
+
+
+def build_lvlm(m: Reader, tok: Tokenizer, image_size: int,
+               soft_prompts: tuple[SoftPromptSpec, ...] = ()) -> lvlm.LVLM:
+  """``config.model`` -> the :class:`~bigvl.models.lvlm.LVLM` (shared by the LVLM tasks).
+
+  Soft-prompt placeholders are ids from ``tok.vocab_size`` on; the embedding table is rounded
+  up to shard evenly, or as large as a public LM's (``model.lm.vocab_size``)."""
+  vision = m.vision.to_dict()
+  unknown = set(vision) - set(ViT.__dataclass_fields__) - {"parent", "name"}
+  if unknown:
+    raise ConfigError(f"config.model.vision has unknown fields {sorted(unknown)}")
+  lora_r = m.get("lora") or Reader({}, "config.model.lora")
+  lora = LoraConfig(rank=lora_r.typed("rank", int, 0),
+                    alpha=float(lora_r.typed("alpha", (int, float), 16.0)),
+                    dropout=float(lora_r.typed("dropout", (int, float), 0.0)),
+                    targets=lora_r.typed("targets", str, LoraConfig.targets))
+  top = max([tok.vocab_size] + [s.id + 1 for s in soft_prompts])
+  vocab = max(-(-top // 64) * 64, m.lm.typed("vocab_size", int, 0))
+  return lvlm.LVLM(
+      vision=ViT(**vision), lm=lm_config(m.lm, vocab, lora, soft_prompts,
+                                         dtypes.from_config(m, jnp.float32)),
+      image_token_id=tok.token_id(captioning.IMAGE), image_size=image_size,
+      feature_layer=m.typed("feature_layer", int, -2),
+      feature_select=check_choice("config.model.feature_select",
+                                  m.typed("feature_select", str, "default"),
+                                  lvlm.FEATURE_SELECT))
+
+
 class Task(base.Task):
   progress_keys = ("token_acc",)
   eval_kinds = ("image_prompt",)
@@ -101,33 +145,11 @@ class Task(base.Task):
     self.image_size = inp.typed("image_size", int, None) or int(
         self.info.features["image"].shape[0])  # images are resized to the tower's size
 
-    vision = m.vision.to_dict()
-    unknown = set(vision) - set(ViT.__dataclass_fields__) - {"parent", "name"}
-    if unknown:
-      raise ConfigError(f"config.model.vision has unknown fields {sorted(unknown)}")
-    dtype = dtypes.from_config(m, jnp.float32)
-    tok_path = inp.typed("tokenizer", str, None)
-    self.tokenizer = tok = (
-        Tokenizer(tok_path) if tok_path else captioning.shapes_tokenizer(
-            os.path.join(self.data_dir, "bigvl_tokenizers", "shapes_chat.json")))
-    lora_r = m.get("lora") or Reader({}, "config.model.lora")
-    lora = LoraConfig(rank=lora_r.typed("rank", int, 0),
-                      alpha=float(lora_r.typed("alpha", (int, float), 16.0)),
-                      dropout=float(lora_r.typed("dropout", (int, float), 0.0)),
-                      targets=lora_r.typed("targets", str, LoraConfig.targets))
+    self.tokenizer = tok = load_tokenizer(inp, self.data_dir)
     self.soft_prompt_tokens = m.typed("soft_prompt_tokens", int, 0)
-    # the soft-prompt placeholder is the id after the text vocabulary; the embedding table
-    # is rounded up to shard evenly, or as large as a public LM's (``model.lm.vocab_size``)
-    vocab = max(-(-(tok.vocab_size + 1) // 64) * 64, m.lm.typed("vocab_size", int, 0))
-    self.model = lvlm.LVLM(
-        vision=ViT(**vision), lm=lm_config(
-            m.lm, vocab, lora, (SoftPromptSpec(tok.vocab_size, self.soft_prompt_tokens),)
-            if self.soft_prompt_tokens else (), dtype),
-        image_token_id=tok.token_id(captioning.IMAGE), image_size=self.image_size,
-        feature_layer=m.typed("feature_layer", int, -2),
-        feature_select=check_choice("config.model.feature_select",
-                                    m.typed("feature_select", str, "default"),
-                                    lvlm.FEATURE_SELECT))
+    self.model = build_lvlm(m, tok, self.image_size, (
+        SoftPromptSpec(tok.vocab_size, self.soft_prompt_tokens),)
+        if self.soft_prompt_tokens else ())
     self.chat = captioning.ChatEncoder(
         tok, inp.typed("template", str, "plain"), self.model.num_image_tokens,
         soft_prompt_id=tok.vocab_size,
@@ -139,11 +161,7 @@ class Task(base.Task):
                                image_size=self.image_size),
         chat=self.chat)
     self.question = question if isinstance(question, str) else None
-    pattern = m.typed("trainable", str, r".")
-    try:
-      self._trainable = re.compile(pattern)
-    except re.error as e:
-      raise ConfigError(f"config.model.trainable={pattern!r} is not a regex: {e}") from None
+    self._trainable = compile_regex("config.model.trainable", m.typed("trainable", str, r"."))
     g = config.get("generate") or Reader({}, "config.generate")
     self.max_new_tokens = positive_int(g, "max_new_tokens", 24)
     plen = len(self.chat.prompt_ids(self.question))
