@@ -60,4 +60,6 @@ def get_config(arg=None):
                           prompts=("a {}", "a picture of a {}"))
   c.evals.retrieval = dict(type="retrieval", every=every, split="test", batch_size=256,
                            num_captions=5)
+  c.evals.compositionality = dict(type="compositionality", every=every, split="test",
+                                  batch_size=256, num_examples=512)
   return c
