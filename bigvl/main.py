@@ -40,9 +40,9 @@ def _take_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
   return spec, rest
 
 
-def _parse(argv: list[str]):
+def _parse(argv: list[str], need_workdir: bool = True):
   """The flags of ``argv`` (``argv[0]`` is the program) with the config loaded and overridden;
-  any problem -> :func:`_fail`."""
+  any problem -> :func:`_fail`. Also used by ``bigvl.prompt_selection`` (no workdir)."""
   from absl import flags
   from ml_collections import config_flags
 
@@ -72,7 +72,7 @@ def _parse(argv: list[str]):
     _fail(f"{type(e).__name__}: {' '.join(str(e).split())}")
   if extra:
     _fail(f"unexpected arguments: {' '.join(extra)}")
-  if not fv.workdir:
+  if need_workdir and not fv.workdir:
     _fail("--workdir is required")
   return fv
 
