@@ -34,7 +34,6 @@ def main() -> None:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax
-  import jax.numpy as jnp
 
   from bigvl import parallel, train
   from bigvl.config import load_config
@@ -53,12 +52,13 @@ def main() -> None:
       pass  # a plain string
     c.update_from_flattened_dict({key: value})
   run = train.build(c)
-  b, t, k, s = (c.input.batch_size, c.input.seq_len, c.input.max_images,
-                run.task.image_size)
+  # the batch's shapes from one host batch of the task's own pipeline (the tiny dataset,
+  # resized to the config's image size): any task's batch layout works
+  local = next(run.task.train_data(run.seed))
   sh = parallel.batch_sharding(run.mesh)
-  batch = {"images": jax.ShapeDtypeStruct((b, k, s, s, 3), jnp.float32, sharding=sh),
-           **{key: jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=sh)
-              for key in ("tokens", "loss_mask", "segment_ids", "positions")}}
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), local)
+  b = c.input.batch_size
+  shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in batch.items())
   t0 = time.perf_counter()
   fns = train.compile_run(run, batch)
   compiled = fns.step.lower(fns.abstract_state, batch).compile()
@@ -85,9 +85,9 @@ def main() -> None:
   lines = [f"# {os.path.basename(a.config)}: train-step memory from XLA's analysis", "",
            f"Command: `python bench/lvlm_memory.py --config {a.config} --devices {a.devices}"
            f"{''.join(' --set ' + kv for kv in a.set)} --data_dir DIR`", "",
-           f"Mesh {dict(run.mesh.shape)} ({n_dev} simulated CPU devices); global batch {b} "
-           f"rows x {t} tokens in {run.microbatches} microbatch(es), {k} image(s) of {s}x{s} "
-           f"a row; LoRA rank {c.model.lora.rank}; model dtype "
+           f"Mesh {dict(run.mesh.shape)} ({n_dev} simulated CPU devices); global batch {b} in "
+           f"{run.microbatches} microbatch(es): {shapes}; LoRA rank {c.model.lora.rank}; "
+           f"model dtype "
            f"{c.model.dtype}, parameters stored float32; compile {secs:.0f} s.", "",
            "| quantity | GiB |", "|---|---:|"]
   lines += [f"| {name} | {v:.2f} |" for name, v in rows]

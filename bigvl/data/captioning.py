@@ -275,8 +275,9 @@ def decode_generated(tokenizer: Tokenizer, ids: np.ndarray) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _image_specs(image_size: int | None, image_key: str,
-                 value_range: tuple[float, float]) -> list[str]:
+def image_specs(image_size: int | None, image_key: str = "image",
+                value_range: tuple[float, float] = (-1.0, 1.0)) -> list[str]:
+  """Ops: the image as float32 in ``value_range``, resized to ``image_size`` if given."""
   specs = [] if image_key == "image" else [f"copy({{{image_key!r}: 'image'}})"]
   if image_size is not None:
     specs.append(f"resize({int(image_size)})")
@@ -290,7 +291,7 @@ def train_specs(*, max_len: int, answer_key: str | Sequence[str] = "caption",
   """The per-example train pipeline: the image as float32 in ``value_range`` (resized if
   ``image_size``), then ``chat_encode`` of the answer ``example[answer_key]`` (several keys:
   one drawn per example, with its question) -> ``{image, tokens [L], loss_mask [L]}``."""
-  return _image_specs(image_size, image_key, value_range) + [
+  return image_specs(image_size, image_key, value_range) + [
       f"chat_encode(answer_key={_literal(answer_key)}, question={_literal(question)}, "
       f"max_len={int(max_len)})",
       "keep(('image', 'tokens', 'loss_mask'))"]
@@ -301,7 +302,7 @@ def eval_prompt_specs(*, prompt_len: int, question: str | None = None,
                       value_range: tuple[float, float] = (-1.0, 1.0)) -> list[str]:
   """The eval rows of kind ``'image_prompt'``: ``{image [H, W, C] float32, prompt [P],
   prompt_mask [P]}`` (deterministic)."""
-  return _image_specs(image_size, image_key, value_range) + [
+  return image_specs(image_size, image_key, value_range) + [
       f"chat_prompt({int(prompt_len)}, question={_literal(question)})",
       "keep(('image', 'prompt', 'prompt_mask'))"]
 

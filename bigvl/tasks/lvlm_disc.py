@@ -123,6 +123,9 @@ class Task(base.Task):
         self.dataset, inp.typed("train_split", str, "train"), self.data_dir)
     self.image_size = inp.typed("image_size", int, None) or int(
         self.info.features["image"].shape[0])
+    native = int(self.info.features["image"].shape[0])
+    self._image_ops = transforms.build(captioning.image_specs(
+        None if self.image_size == native else self.image_size))
     self.tokenizer = tok = lvlm_caption.load_tokenizer(inp, self.data_dir)
     default = captioning.load_summary_prompts()["default"]
     p = config.get("prompts") or Reader({}, "config.prompts")
@@ -172,10 +175,8 @@ class Task(base.Task):
     return {"tokens": out}
 
   def _image(self, example: dict) -> np.ndarray:
-    img = np.asarray(example["image"], np.float32)
-    if img.shape[0] != self.image_size:
-      raise ConfigError(f"images are {img.shape[0]} px, input.image_size={self.image_size}")
-    return img / 127.5 - 1.0
+    """float32 in [-1, 1], resized to ``input.image_size`` when the dataset's differ."""
+    return self._image_ops({"image": example["image"]}, np.random.default_rng(0))["image"]
 
   def _train_example(self, example: dict, rng: np.random.Generator) -> dict:
     captions = transforms.texts_of(example["captions"])
