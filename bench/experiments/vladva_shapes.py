@@ -8,8 +8,9 @@ Per seed: SigLIP and CLIP two-towers (``configs/{siglip,clip}_shapes.py:tiny``, 
 scratch), the tiny captioner (``configs/lvlm_shapes.py:tiny,answer=both``: short captions and
 long descriptions) and, from that captioner, VladVA (``configs/vladva_shapes.py:tiny``) and
 its ablations (no NTP loss, no soft prompts = LoRA only, soft prompts only, full
-fine-tuning), and VladVA with the prompt ``bigvl.prompt_selection`` ranks first. Every run is a ``python -m bigvl.main`` command, reused when the same command
-already finished with the same code (``_runs.prepare_workdir``). The table gives mean ± std
+fine-tuning), and VladVA with the prompt ``bigvl.prompt_selection`` ranks first. Every run
+is a ``python -m bigvl.main`` command, reused when the same command already finished with
+the same code (``_runs.prepare_workdir``). The table gives mean ± std
 over seeds and the per-seed paired difference to SigLIP (the two-tower baseline).
 """
 
