@@ -49,6 +49,7 @@ from jax.sharding import Mesh
 from bigvl import parallel
 from bigvl.config import ConfigError, Reader, positive_int
 from bigvl.data import pipeline
+from bigvl.evaluators._embedding import Head
 from bigvl.evaluators._split import read_eval_split
 from bigvl.tasks.base import EvalView
 
@@ -150,21 +151,6 @@ def with_chance(generated: Sequence[str], scenes: Sequence[set[Object]],
   return out
 
 
-class _Head:
-  """The first ``n`` records of a source."""
-
-  def __init__(self, source: Any, n: int):
-    self._source, self._n = source, min(n, len(source))
-
-  def __len__(self) -> int:
-    return self._n
-
-  def __getitem__(self, i: int) -> Any:
-    if not 0 <= i < self._n:
-      raise IndexError(i)
-    return self._source[i]
-
-
 def _texts(value: Any) -> list[str]:
   if isinstance(value, (str, bytes)):
     value = [value]
@@ -187,7 +173,7 @@ class Evaluator:
     if features is not None and "objects" not in features:
       raise ConfigError(f"{cfg.path}: dataset {split.dataset!r} has no scene graph ('objects'; "
                         f"shapes_captions >= 1.2.0 has); its features: {', '.join(features)}")
-    self.source = _Head(split.source, positive_int(cfg, "num_examples", 256))
+    self.source = Head(split.source, positive_int(cfg, "num_examples", 256))
     question = cfg.typed("question", str, None)
     self._transform = task.eval_transform(kind, **({} if question is None else
                                                    {"question": question}))

@@ -165,3 +165,16 @@ class EvalView:
       raise ConfigError(f"{where}: needs eval data {kind!r}, which task "
                         f"{type(self._task).__module__} does not provide (it has: "
                         f"{', '.join(self._task.eval_kinds) or 'none'})")
+
+
+def embedding_predict_fns(model: Any) -> dict[str, PredictFn]:
+  """``embed_images`` (``batch['image'] -> [B, E]``) and ``embed_texts`` (``batch['tokens']
+  [B, L] -> [B, E]``) of a model with those methods: what the two-tower evaluators (zero-shot,
+  retrieval, compositionality) call, for any image-text task."""
+  def embed_images(params, state, batch):
+    return model.apply({"params": params}, batch["image"], method="embed_images")
+
+  def embed_texts(params, state, batch):
+    return model.apply({"params": params}, batch["tokens"], method="embed_texts")
+
+  return {"embed_images": embed_images, "embed_texts": embed_texts}

@@ -217,13 +217,7 @@ class Task(base.Task):
 
   # --- evaluation (the declared interface, bigvl/tasks/base.py) ----------------------------
   def predict_fns(self) -> dict[str, base.PredictFn]:
-    def embed_images(params, state, batch):
-      return self.model.apply({"params": params}, batch["image"], method="embed_images")
-
-    def embed_texts(params, state, batch):
-      return self.model.apply({"params": params}, batch["tokens"], method="embed_texts")
-
-    return {"embed_images": embed_images, "embed_texts": embed_texts}
+    return base.embedding_predict_fns(self.model)
 
   def eval_transform(self, kind: str, num_captions: int = 1, **opts: Any) -> base.EvalTransform:
     """``'image_text'``: ``{'image', 'tokens': [num_captions, L], 'label'?}``."""
