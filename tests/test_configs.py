@@ -21,7 +21,7 @@ NEEDS_TFDS_DATA = {"semisup_cifar10": "cifar10", "semisup_svhn": "svhn_cropped"}
 # The data every other tiny variant reads: shapes_captions (the session's small copy of it;
 # the experiments' own configs of the builder differ only in size) or embedded MNIST.
 SHAPES = ("siglip_shapes", "clip_shapes", "fff_shapes", "lvlm_shapes", "lvlm_llava15_7b",
-          "vladva_shapes")
+          "vladva_shapes", "vladva_llava15_7b")
 TINY = ([(name, "tiny") for name in SHAPES] + [("fff_shapes", "tiny,baseline")]
         + [("lvlm_shapes", "tiny,answer=both"), ("lvlm_shapes", "tiny,lora=True")]
         + [("vladva_shapes", f"tiny,variant={v}") for v in ("full", "no_soft", "full_ft")]

@@ -84,22 +84,29 @@ def test_only_the_named_parts_train_and_the_rest_stays_bit_identical(shapes_data
 
 
 def test_sharded_step_equals_the_one_device_step(shapes_data_dir):
-  """data x fsdp x tensor = 2 x 2 x 2 against 1 device: same losses and parameters."""
+  """data x fsdp x tensor = 2 x 2 x 2 against 1 device: the same losses over 3 steps and the
+  same gradients. (Parameters after Adam steps are not compared elementwise: Adam's
+  normalisation turns reduction-order noise in ~0 gradients into O(lr) differences.)"""
   results = []
   for mesh, devices in (({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
                         ({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])):
     c = lvlm_config(shapes_data_dir, "tiny", **{f"mesh.{k}": v for k, v in mesh.items()})
     run, fns, state, data = compiled(c, devices)
     specs = {str(x.sharding.spec) for x in jax.tree.leaves(state["params"])}
+    batch = parallel.global_batch(next(data), run.mesh)
+    grads = jax.jit(jax.grad(lambda p, b=batch, run=run, st=state: run.task.loss(
+        p, st["extra"], b, st["rng"], 0)[0]))(train.model_params(state))
     losses = []
     for _ in range(3):
       state, aux = fns.step(state, parallel.global_batch(next(data), run.mesh))
       losses.append(float(aux["loss"]))
-    results.append((losses, parallel.to_host(state["params"]), specs))
-  (l1, p1, _), (l8, p8, specs8) = results
+    results.append((losses, parallel.to_host(grads), specs))
+  (l1, g1, _), (l8, g8, specs8) = results
   assert any("tensor" in s for s in specs8) and any("fsdp" in s for s in specs8)
   np.testing.assert_allclose(l8, l1, rtol=2e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), p8, p1)
+  scale = max(np.abs(g).max() for g in jax.tree.leaves(g1))  # some leaves' grads are ~1e-11
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * scale),
+               g8, g1)
 
 
 def test_a_public_lm_directory_initialises_the_lvlm_decoder(shapes_data_dir, tmp_path):
