@@ -112,7 +112,7 @@ DEFAULT_LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("classes", None),
     ("norm", None),         # LayerNorm / BatchNorm scales and biases
     ("layers", None),       # the stacked axis of scanned layers
-    # activations (``nn.with_logical_constraint`` in the models; applied in the train step)
+    # activations (``logical.constrain`` in the models; bound while the train step is traced)
     ("batch", ("data", "fsdp")),
     ("length", None),
     ("act_embed", None),

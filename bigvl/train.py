@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 import os
@@ -137,8 +136,10 @@ def read_init_from(r: Reader | None) -> list[checkpoint.WeightSource]:
     # Read (and checked) only when a run starts fresh: a resumed run never needs the files.
     # A Hugging Face checkpoint: only its config.json is read here (gone on resume: skipped).
     # (a bigvl workdir has a config.json too, but no safetensors next to it)
-    if os.path.isfile(os.path.join(path, "config.json")) and glob.glob(
-        os.path.join(path, "*.safetensors")):
+    from bigvl.convert import safetensors_io
+
+    if (os.path.isfile(os.path.join(path, "config.json"))
+        and safetensors_io.holds_safetensors(path)):
       from bigvl import convert
 
       if src is not None:

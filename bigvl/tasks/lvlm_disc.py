@@ -174,7 +174,7 @@ class Task(base.Task):
       out[i, :len(row)] = row
     return {"tokens": out}
 
-  def _image(self, example: dict) -> np.ndarray:
+  def image_row(self, example: dict) -> np.ndarray:
     """float32 in [-1, 1], resized to ``input.image_size`` when the dataset's differ."""
     return self._image_ops({"image": example["image"]}, np.random.default_rng(0))["image"]
 
@@ -186,7 +186,7 @@ class Task(base.Task):
     tokens = np.full(self.ntp_len, self.tokenizer.pad_id, np.int32)
     mask = np.zeros(self.ntp_len, np.int32)
     tokens[:n], mask[:n] = ntp["tokens"], ntp["loss_mask"]
-    return {"image": self._image(example),
+    return {"image": self.image_row(example),
             "tokens": self.encode_texts([captions[rng.integers(len(captions))]])["tokens"][0],
             "ntp_tokens": tokens, "ntp_mask": mask}
 
@@ -226,7 +226,7 @@ class Task(base.Task):
 
     def row(example):
       caps = transforms.texts_of(example["captions"])[:num_captions]
-      out = {"image": self._image(example), "tokens": self.encode_texts(caps)["tokens"]}
+      out = {"image": self.image_row(example), "tokens": self.encode_texts(caps)["tokens"]}
       if "label" in example:
         out["label"] = np.asarray(example["label"], np.int32)
       return out
