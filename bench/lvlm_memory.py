@@ -28,6 +28,9 @@ def main() -> None:
   ap.add_argument("--data_dir", default=None, help="where shapes_captions/small is prepared")
   ap.add_argument("--set", action="append", default=[], help="KEY=VALUE config overrides")
   ap.add_argument("--out", default=None)
+  ap.add_argument("--preferences_stub", action="store_true",
+                  help="DPO configs: write a stub preference file of long answers (the step's "
+                       "shapes come from input.seq_len, not from the texts)")
   a = ap.parse_args()
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              f" --xla_force_host_platform_device_count={a.devices}")
@@ -44,6 +47,18 @@ def main() -> None:
   c.input.data_dir = a.data_dir or tempfile.mkdtemp()
   c.evals = {}
   c.init_from = {}
+  if a.preferences_stub:
+    import json
+
+    path = os.path.join(tempfile.mkdtemp(), "preferences.jsonl")
+    with open(path, "w") as f:
+      for i in range(256):
+        f.write(json.dumps({"chosen": "a red circle", "rejected": "a blue square",
+                            "chosen_score": 1.0, "rejected_score": 0.0,
+                            "chosen_source": "sample", "rejected_source": "sample",
+                            "image_index": i, "question": "description", "kind": "caption"})
+                + "\n")
+    c.input.preferences = path
   for kv in a.set:
     key, value = kv.split("=", 1)
     try:
@@ -84,7 +99,8 @@ def main() -> None:
           - m.alias_size_in_bytes) / gib
   lines = [f"# {os.path.basename(a.config)}: train-step memory from XLA's analysis", "",
            f"Command: `python bench/lvlm_memory.py --config {a.config} --devices {a.devices}"
-           f"{''.join(' --set ' + kv for kv in a.set)} --data_dir DIR`", "",
+           f"{''.join(' --set ' + kv for kv in a.set)}"
+           f"{' --preferences_stub' if a.preferences_stub else ''} --data_dir DIR`", "",
            f"Mesh {dict(run.mesh.shape)} ({n_dev} simulated CPU devices); global batch {b} in "
            f"{run.microbatches} microbatch(es): {shapes}; LoRA rank {c.model.lora.rank}; "
            f"model dtype "

@@ -129,6 +129,36 @@ class WeightSource:
     return self.path.endswith(".safetensors") or safetensors_io.holds_safetensors(self.path)
 
 
+def is_hf_checkpoint(path: str) -> bool:
+  """Whether ``path`` is a Hugging Face checkpoint directory: ``config.json`` + safetensors (a
+  bigvl workdir has a config.json too, but no safetensors next to it)."""
+  from bigvl.convert import safetensors_io
+
+  path = os.path.expanduser(path)
+  return (os.path.isfile(os.path.join(path, "config.json"))
+          and safetensors_io.holds_safetensors(path))
+
+
+def weight_sources(path: str, dst: str, *, src: str | None = None,
+                   keep_init: str | None = None, what: str = "weights") -> list[WeightSource]:
+  """The :class:`WeightSource` s of the weights at ``path``: a bigvl run or a ``.safetensors``
+  file (one source), or a Hugging Face checkpoint directory (``config.json`` + safetensors:
+  ``bigvl.convert.weight_sources`` maps its names and layouts; ``src`` must be None). Only a
+  Hugging Face directory's ``config.json`` is read here; the weights are read (and checked)
+  when a run starts fresh, never on resume."""
+  from bigvl.config import ConfigError
+
+  path = os.path.expanduser(path)
+  if is_hf_checkpoint(path):
+    from bigvl import convert
+
+    if src is not None:
+      raise ConfigError(f"{what}: src={src!r} is not used for a Hugging Face checkpoint "
+                        f"({path}); its names come from its config.json model_type")
+    return list(convert.weight_sources(path, dst, what=what))
+  return [WeightSource(path=path, dst=dst, src=src, what=what, keep_init=keep_init)]
+
+
 def step_dir(path: str, what: str = "checkpoint") -> str:
   """The newest step directory of a bigvl checkpoint: ``path`` may be a workdir, its
   ``checkpoints`` directory or one step directory (holding ``state``). ConfigError if none."""

@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> None:
   parallel.initialize_distributed()
   try:
     run = train.build(fv.config)
+    if run.tool is not None:  # config.tool: e.g. CLIP-DPO's candidate generation
+      run.tool.run(run, fv.workdir)
+      return
     # A fresh run checks its pretrained weights (files, keys, shapes) before compiling.
     train.train(fv.config, fv.workdir, run=run)
   except ConfigError as e:

@@ -55,6 +55,8 @@ class Run:
   keep_ckpts: int
   microbatches: int
   evaluators: list  # (name, evaluator, every)
+  tool: Any = None  # config.tool: a bigvl.tools module's Tool, run instead of training
+  eval_at_start: bool = False  # config.eval_at_start: evaluate the starting point (step 0)
 
 
 def duration_steps(r: Reader, prefix: str, num_examples: int | None, batch_size: int) -> int:
@@ -92,6 +94,11 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Run
   tx, sched = optim.make_optimizer(r.optim, r.get("schedule"), total)
   frozen_rx = optim.frozen_predicate(r.optim)
   is_frozen = lambda path: frozen_rx(path) or not task.trainable(path)
+  tool_name = r.typed("tool", str, None)
+  tool = None
+  if tool_name:  # a tool uses the task's model and weights: nothing is trained
+    tool = registry.load("tools", tool_name, "tool").Tool(r, task, mesh)
+    is_frozen = lambda path: True
   weights = list(task.pretrained()) + read_init_from(r.get("init_from"))
   evaluators = []
   view = EvalView(task)
@@ -104,7 +111,8 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Run
             seed=seed, total_steps=total, log_every=positive_int(r, "log_every"),
             ckpt_every=positive_int(r, "ckpt_every"),
             keep_ckpts=positive_int(r, "keep_ckpts", 2),
-            microbatches=positive_int(r, "microbatches", 1), evaluators=evaluators)
+            microbatches=positive_int(r, "microbatches", 1), evaluators=evaluators,
+            tool=tool, eval_at_start=bool(r.typed("eval_at_start", bool, False)))
   shards = run.microbatches * int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
   if task.batch_size % shards:
     raise ConfigError(f"config.input.batch_size={task.batch_size} is not divisible by "
@@ -132,23 +140,7 @@ def read_init_from(r: Reader | None) -> list[checkpoint.WeightSource]:
       raise ConfigError(f"{c.path}.dst={dst!r} must start with 'params' or 'extra'")
     src = c.typed("src", str, None)
     keep_init = c.typed("keep_init", str, None)  # regex: paths that keep their fresh init
-    path = os.path.expanduser(path)
-    # Read (and checked) only when a run starts fresh: a resumed run never needs the files.
-    # A Hugging Face checkpoint: only its config.json is read here (gone on resume: skipped).
-    # (a bigvl workdir has a config.json too, but no safetensors next to it)
-    from bigvl.convert import safetensors_io
-
-    if (os.path.isfile(os.path.join(path, "config.json"))
-        and safetensors_io.holds_safetensors(path)):
-      from bigvl import convert
-
-      if src is not None:
-        raise ConfigError(f"{c.path}.src={src!r}: not used for a Hugging Face checkpoint "
-                          f"({path}); its names come from its config.json model_type")
-      out.extend(convert.weight_sources(path, dst, what=what))
-      continue
-    out.append(checkpoint.WeightSource(path=path, dst=dst, src=src, what=what,
-                                       keep_init=keep_init))
+    out.extend(checkpoint.weight_sources(path, dst, src=src, keep_init=keep_init, what=what))
   return out
 
 
@@ -410,6 +402,25 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
 
   preempt = _Preemption()
   last_eval: dict[str, float] = {}
+
+  def evaluate(step: int, state: dict, every_one: bool = False) -> None:
+    for name, ev, every in run.evaluators:
+      if not (every_one or step % every == 0 or step == run.total_steps):
+        continue
+      t0 = time.perf_counter()
+      # evaluators that write files (generated captions) get the step and workdir
+      out = {"step": step, "workdir": workdir} if getattr(ev, "writes_outputs", False) else {}
+      res = ev.run(model_params(state), state["extra"], **out)
+      res = {f"{name}/{k}": float(v) for k, v in res.items()}
+      writer.write(step, res)
+      last_eval.update(res)
+      if jax.process_index() == 0:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in res.items())
+        print(f"bigvl: eval at step {step} ({time.perf_counter() - t0:.1f}s): {shown}",
+              flush=True)
+
+  if restored is None and run.eval_at_start:  # the starting point (a fine-tune's "before")
+    evaluate(0, state, every_one=True)
   skipped_logged = int(jax.device_get(state["skipped"]))
   try:
     while step < run.total_steps:
@@ -435,19 +446,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
           skipped_logged = skipped
         writer.write(step, scalars)
         writer.progress(step, scalars, ("loss",) + task.progress_keys + ("grad_norm", "lr"))
-      for name, ev, every in run.evaluators:
-        if step % every == 0 or step == run.total_steps:
-          t0 = time.perf_counter()
-          # evaluators that write files (generated captions) get the step and workdir
-          out = {"step": step, "workdir": workdir} if getattr(ev, "writes_outputs", False) else {}
-          res = ev.run(model_params(state), state["extra"], **out)
-          res = {f"{name}/{k}": float(v) for k, v in res.items()}
-          writer.write(step, res)
-          last_eval.update(res)
-          if jax.process_index() == 0:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in res.items())
-            print(f"bigvl: eval at step {step} ({time.perf_counter() - t0:.1f}s): {shown}",
-                  flush=True)
+      evaluate(step, state)
       if step % run.ckpt_every == 0 or step == run.total_steps or preempt.requested:
         ckpt.save(step, state, data.get_state())
       if preempt.requested:

@@ -242,6 +242,17 @@ class ChatEncoder:
     mask = np.concatenate([np.zeros(len(prompt), np.int32), np.ones(len(ans), np.int32)])
     return {"tokens": tokens, "loss_mask": mask}
 
+  def answer_row(self, answer: str, question: str | None, length: int
+                 ) -> dict[str, np.ndarray]:
+    """:meth:`encode` right-padded to ``length`` (``pad_id``, mask 0): one fixed-shape row
+    ``{'tokens', 'loss_mask'}`` for scoring an answer (its log-probability) or DPO."""
+    enc = self.encode(answer, question, length)
+    n = len(enc["tokens"])
+    tokens = np.full(length, self.pad_id, np.int32)
+    mask = np.zeros(length, np.int32)
+    tokens[:n], mask[:n] = enc["tokens"], enc["loss_mask"]
+    return {"tokens": tokens, "loss_mask": mask}
+
   def prompt_row(self, question: str | None, length: int) -> dict[str, np.ndarray]:
     """``{'prompt': int32 [length], 'prompt_mask': int32 [length]}``: the generation prompt
     left-padded with ``pad_id`` (mask 0), so every row's last prompt token is at ``length - 1``

@@ -629,7 +629,8 @@ class ChatEncode:
   mask is 1 on the answer and its EOS only. Several ``answer_key`` (with as many questions,
   or one for all) draw one per example (``rng.integers``); an answer that is a list of
   captions draws one of them (``rng.integers``), or, with ``random=False``, takes the first.
-  Beyond ``max_len`` the answer is cut (and its EOS)."""
+  A question ``'@<key>'`` is the example's own (``example[key]``: per-example questions, as
+  VQA data has). Beyond ``max_len`` the answer is cut (and its EOS)."""
 
   context = ("chat",)
 
@@ -649,6 +650,8 @@ class ChatEncode:
     self.questions, self.max_len, self.chat = questions, max_len, chat
     self.out, self.mask_out, self.random = out, mask_out, random
     for q in set(questions):  # a prompt longer than max_len is refused now, not inside grain
+      if isinstance(q, str) and q.startswith("@"):
+        continue  # the example's own question: checked by ChatEncoder.encode
       if max_len is not None and len(chat.prompt_ids(q)) >= max_len:
         raise ValueError(f"max_len={max_len} leaves no room for an answer after the "
                          f"{len(chat.prompt_ids(q))}-token prompt of question {q!r}")
@@ -659,7 +662,10 @@ class ChatEncode:
     if not answers:
       raise ValueError(f"chat_encode: example[{self.keys[i]!r}] holds no text")
     j = int(rng.integers(len(answers))) if len(answers) > 1 and self.random else 0
-    enc = self.chat.encode(answers[j], self.questions[i], self.max_len)
+    question = self.questions[i]
+    if isinstance(question, str) and question.startswith("@"):
+      question = texts_of(example[question[1:]])[0]
+    enc = self.chat.encode(answers[j], question, self.max_len)
     return {**example, self.out: enc["tokens"], self.mask_out: enc["loss_mask"]}
 
 

@@ -202,12 +202,8 @@ class Evaluator:
 
   def generate(self, params: Any, state: Any) -> list[str]:
     """The decoded generated text of every image of the set, in order."""
-    texts: list[str] = []
-    for local, n in pipeline.eval_batches(self.source, self._transform, self.batch_size):
-      batch = parallel.global_batch(local, self.mesh)
-      ids = parallel.to_host(self._predict(params, state, batch))[:n]
-      texts += [str(t) for t in self.task.decode_texts(np.asarray(ids))]
-    return texts
+    return generate_texts(self.task, self._predict, params, state, self.source,
+                          self._transform, self.batch_size, self.mesh)
 
   def run(self, params: Any, state: Any = None, *, step: int | None = None,
           workdir: str | None = None) -> dict[str, float]:
@@ -227,6 +223,18 @@ class Evaluator:
       write_captions(os.path.join(workdir, "captions", f"step_{int(step)}.jsonl"),
                      self.last_captions)
     return out
+
+
+def generate_texts(task: EvalView, predict: Any, params: Any, state: Any, source: Any,
+                   transform: Any, batch_size: int, mesh: Mesh) -> list[str]:
+  """The decoded text ``predict`` (a jitted ``generate`` prediction function) writes for
+  every record of ``source`` (rows by ``transform``), in order."""
+  texts: list[str] = []
+  for local, n in pipeline.eval_batches(source, transform, batch_size):
+    batch = parallel.global_batch(local, mesh)
+    ids = parallel.to_host(predict(params, state, batch))[:n]
+    texts += [str(t) for t in task.decode_texts(np.asarray(ids))]
+  return texts
 
 
 def write_captions(path: str, rows: Sequence[dict]) -> None:

@@ -17,13 +17,17 @@ parts come from ``config.init_from`` (a SigLIP run's image tower, a public LM di
 Evaluation: ``predict_fns()['generate']`` generates from ``{image, prompt, prompt_mask}``
 rows (``eval_transform('image_prompt')``) with :func:`bigvl.generate.generate_ids`;
 ``decode_texts`` turns the ids back into text (``bigvl.evaluators.captioning`` scores them
-against the scene graph).
+against the scene graph). ``predict_fns()['answer_logprobs']`` scores given answers:
+``log p(answer | image, question) = sum_t m_{t+1} log p(x_{t+1} | x_{<=t})`` over rows of
+kind ``'image_answer'`` (``{image, tokens [L], loss_mask [L]}`` from examples with
+``question`` and ``answer`` texts, ``L = generate.answer_len``): yes/no questions, multiple
+choice and zero-shot classification through the LVLM (``bigvl.evaluators.hallucination``).
 
 Config read: ``input.{dataset, data_dir, train_split, batch_size, seq_len, max_images,
 image_size, template, answer_key, question, tokenizer (a public ``tokenizer.json``; default:
 the shapes word tokenizer), num_threads}``, ``model.{vision.*, lm.*, lora.*,
 soft_prompt_tokens, feature_layer, feature_select, trainable, dtype}``,
-``generate.{max_new_tokens, prompt_len}``.
+``generate.{max_new_tokens, prompt_len, answer_len}``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from bigvl import generate, parallel
 from bigvl.config import ConfigError, Reader, check_choice, positive_int
 from bigvl.data import captioning, pipeline, sources, transforms
 from bigvl.data.tokenizer import Tokenizer
+from bigvl.losses.dpo import sequence_logps
 from bigvl.models import dtypes, lvlm
 from bigvl.models.llm import REMAT_POLICIES, LLMConfig
 from bigvl.models.lora import LoraConfig
@@ -128,7 +133,7 @@ def build_lvlm(m: Reader, tok: Tokenizer, image_size: int,
 
 class Task(base.Task):
   progress_keys = ("token_acc",)
-  eval_kinds = ("image_prompt",)
+  eval_kinds = ("image_prompt", "image_answer")
 
   def __init__(self, config: Reader, mesh: Mesh):
     super().__init__(config, mesh)
@@ -166,6 +171,7 @@ class Task(base.Task):
     self.max_new_tokens = positive_int(g, "max_new_tokens", 24)
     plen = len(self.chat.prompt_ids(self.question))
     self.prompt_len = positive_int(g, "prompt_len", -(-plen // 16) * 16)
+    self.answer_len = positive_int(g, "answer_len", self.prompt_len + self.max_new_tokens)
 
   # --- host side -------------------------------------------------------------------------
   @property
@@ -196,26 +202,48 @@ class Task(base.Task):
     return loss, (metrics, state)
 
   # --- evaluation (the declared interface, bigvl/tasks/base.py) ----------------------------
+  def lvlm_params(self, params: Any) -> Any:
+    """The LVLM's parameters within the task's tree (here the whole tree; a DPO task's policy)."""
+    return params
+
   def predict_fns(self) -> dict[str, base.PredictFn]:
     """``generate``: ``{image [B,H,W,C], prompt [B,P], prompt_mask [B,P]}`` -> greedy new
-    ids ``[B, generate.max_new_tokens]`` (EOS, then padding)."""
+    ids ``[B, generate.max_new_tokens]`` (EOS, then padding). ``answer_logprobs``: ``{image,
+    tokens [B,L], loss_mask [B,L]}`` -> ``[B]`` float32, the answers' log-probabilities."""
     def gen(params, state, batch):
       return generate.generate_ids(
-          self.model, {"params": params}, batch["prompt"], batch["prompt_mask"].astype(bool),
-          self.max_new_tokens, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-          inputs={"images": batch["image"]})
+          self.model, {"params": self.lvlm_params(params)}, batch["prompt"],
+          batch["prompt_mask"].astype(bool), self.max_new_tokens, eos_id=self.tokenizer.eos_id,
+          pad_id=self.tokenizer.pad_id, inputs={"images": batch["image"]})
 
-    return {"generate": gen}
+    def answer_logprobs(params, state, batch):
+      logits = self.model.apply({"params": self.lvlm_params(params)}, batch["tokens"],
+                                batch["image"])
+      return sequence_logps(logits, batch["tokens"], batch["loss_mask"])
+
+    return {"generate": gen, "answer_logprobs": answer_logprobs}
 
   def eval_transform(self, kind: str, question: str | None = None, **opts: Any
                      ) -> base.EvalTransform:
-    """``'image_prompt'``: ``{image, prompt [P] (left-padded), prompt_mask [P]}``."""
+    """``'image_prompt'``: ``{image, prompt [P] (left-padded), prompt_mask [P]}``;
+    ``'image_answer'``: examples with ``question`` and ``answer`` texts -> ``{image, tokens
+    [L], loss_mask [L]}`` (right-padded, mask on the answer and its EOS)."""
+    rng = np.random.default_rng(0)  # eval ops are deterministic
+    if kind == "image_answer" and question is None and not opts:
+      image = transforms.build(captioning.image_specs(self.image_size))
+
+      def answer_row(ex):
+        row = self.chat.answer_row(transforms.texts_of(ex["answer"])[0],
+                                   transforms.texts_of(ex["question"])[0], self.answer_len)
+        return {"image": image({"image": ex["image"]}, rng)["image"], **row}
+
+      return answer_row
     if kind != "image_prompt" or opts:
       return super().eval_transform(kind, **opts)
     t = transforms.build(captioning.eval_prompt_specs(
         prompt_len=self.prompt_len, question=question or self.question,
         image_size=self.image_size), chat=self.chat)
-    return lambda ex: t(ex, np.random.default_rng(0))
+    return lambda ex: t(ex, rng)
 
   def decode_texts(self, ids: np.ndarray) -> list[str]:
     return captioning.decode_generated(self.tokenizer, np.asarray(ids))

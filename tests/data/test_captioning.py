@@ -99,7 +99,9 @@ def test_vocabulary_covers_every_text(tok):
   vocab = set(sc.vocabulary())
   for _ in range(300):
     objs = sc.sample_scene(rng)
-    for text in sc.captions(objs, rng) + [sc.describe(objs), sc.canonical_caption(objs)]:
+    sft = sc.sft_fields(sc.add_partner(objs, rng, 0.7), rng, 0.5)  # the cooc config's texts
+    for text in sc.captions(objs, rng) + [sc.describe(objs), sc.canonical_caption(objs),
+                                          *sft.values()]:
       assert set(sc.WORD_RE.findall(text)) <= vocab, text
       assert 1 not in tok.ids([text])[0]  # no [UNK]
   for q in cap.load_questions().values():
@@ -169,6 +171,30 @@ def test_prompt_row_is_left_padded_and_decode_stops_at_eos(tok):
   ids = np.array([[10, 11, tok.eos_id, 12, 0], [10, 0, 0, 0, 0]])
   out = cap.decode_generated(tok, ids)
   assert out == [tok.decode([10, 11]), tok.decode([10])]
+
+
+def test_answer_row_is_the_encoding_right_padded(tok):
+  chat = cap.ChatEncoder(tok, "question", num_image_tokens=N)
+  q = "is there a red circle in the image ?"
+  enc = chat.encode("yes", q)
+  row = chat.answer_row("yes", q, len(enc["tokens"]) + 5)
+  n = len(enc["tokens"])
+  assert row["tokens"][:n].tolist() == enc["tokens"].tolist()
+  assert row["tokens"][n:].tolist() == [tok.pad_id] * 5 and row["loss_mask"][n:].sum() == 0
+  assert tok.decode(row["tokens"][row["loss_mask"] == 1]) == "yes"
+  assert tok.decode(chat.prompt_ids(q)).endswith(q)  # the literal question, no system text
+
+
+def test_per_example_questions(tok):
+  """``question='@key'`` reads each example's own question (VQA-style data)."""
+  chat = cap.ChatEncoder(tok, "question", num_image_tokens=N)
+  t = transforms.build(cap.train_specs(max_len=64, answer_key="answer", question="@question"),
+                       chat=chat)
+  for q, a in (("is there a red circle in the image ?", "yes"),
+               ("is there a blue star in the image ?", "no")):
+    out = t({"image": np.zeros((8, 8, 3), np.uint8), "question": q.encode(),
+             "answer": a.encode()}, np.random.default_rng(0))
+    assert out["tokens"].tolist() == chat.encode(a, q)["tokens"].tolist()
 
 
 def test_bad_templates_are_config_errors(tok):

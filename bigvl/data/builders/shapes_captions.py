@@ -32,6 +32,20 @@ Builder configs:
   has a well-defined answer, while a test split of near duplicates makes equally correct
   captions tie with the query's own.
 
+* ``cooc``: the pool of CLIP-DPO's experiment (an SFT set that teaches hallucination, as real
+  SFT data does). Scenes have a co-occurrence structure: with probability ``cooccur`` the
+  largest object's :func:`partner` is in the scene too, so "red circle" and "green square"
+  go together as "fork" and "knife" do. Extra fields (deterministic from the seed):
+  ``sft_description``: :func:`describe` of the scene plus, with probability ``sft_noise``, one
+  object that is *not* in the image (the partner of a present object if one is absent: the
+  co-occurrence prior an annotator or a model falls for); ``hallucinated``: that object's
+  "<colour> <shape>" or ""; ``question`` / ``answer``: a POPE-style existence question
+  ("is there a blue square in the image ?") about a present object or an absent one (half of
+  them the absent partner), its true "yes" / "no"; ``sft_answer``: the answer of the SFT
+  pool, "yes" for an absent partner with probability ``sft_noise``. The clean ``caption``,
+  ``captions`` and ``description`` are unchanged in meaning: the truth evaluators score
+  against.
+
 Prepared as ArrayRecord files and read with ``tfds.data_source`` (no network, no TF at read).
 """
 
@@ -52,6 +66,8 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle", "star")
 CLASS_NAMES = tuple(f"{c} {s}" for c in COLORS for s in SHAPES)
 NUM_CAPTIONS = 5
+#: the extra text fields of the ``cooc`` config (module docstring).
+SFT_FIELDS = ("sft_description", "hallucinated", "question", "answer", "sft_answer")
 
 
 @dataclasses.dataclass
@@ -63,6 +79,8 @@ class ShapesConfig(tfds.core.BuilderConfig):
   seed: int = 0
   num_prototypes: int = 0  # > 0: some train scenes are jittered copies of this many prototypes
   dup_fraction: float = 1.0  # the fraction of train scenes that are copies (num_prototypes > 0)
+  cooccur: float = 0.0  # P(the largest object's partner is in the scene); > 0: SFT fields too
+  sft_noise: float = 0.0  # P(the SFT description / answer hallucinates the absent partner)
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
@@ -140,7 +158,7 @@ def _relation(a: dict, b: dict) -> tuple[str, str]:
 SIZE_BINS = (0.115, 0.145)
 SIZES = ("small", "medium", "large")
 _ROWS, _COLS = ("top", "", "bottom"), ("left", "", "right")
-_COUNTS = ("zero", "one", "two", "three", "four")
+_COUNTS = ("zero", "one", "two", "three", "four", "five")
 
 
 def size_word(obj: dict) -> str:
@@ -189,6 +207,79 @@ def scene_graph(objs: list[dict]) -> dict[str, list]:
           **{k: [np.float32(o[k]) for o in objs] for k in ("x", "y", "r")}}
 
 
+def partner(color: str, shape: str) -> tuple[str, str]:
+  """The object that co-occurs with ``(color, shape)`` in ``cooc`` scenes: the next colour
+  and the next shape (cyclically), e.g. red circle -> green square."""
+  colors = list(COLORS)
+  return (colors[(colors.index(color) + 1) % len(colors)],
+          SHAPES[(SHAPES.index(shape) + 1) % len(SHAPES)])
+
+
+def _names(objs: list[dict]) -> set[tuple[str, str]]:
+  return {(o["color"], o["shape"]) for o in objs}
+
+
+def _absent(objs: list[dict], rng: np.random.Generator) -> tuple[str, str]:
+  """A uniformly drawn object (colour, shape) that is not in the scene."""
+  present = _names(objs)
+  choices = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+  return choices[int(rng.integers(len(choices)))]
+
+
+def add_partner(objs: list[dict], rng: np.random.Generator, p: float) -> list[dict]:
+  """With probability ``p``, the scene with the largest object's :func:`partner` in it: it
+  takes the place of the second object (its position and size), or joins a lone object at a
+  free position. Draws from ``rng`` the same number of times whatever the outcome."""
+  u, y, r = rng.random(), rng.uniform(0.18, 0.82), rng.uniform(0.09, 0.17)
+  mate = partner(objs[0]["color"], objs[0]["shape"])
+  if u >= p or mate in _names(objs):
+    return objs
+  objs = [dict(o) for o in objs]
+  if len(objs) >= 2:
+    objs[1].update(color=mate[0], shape=mate[1])
+  else:
+    away = (float(np.clip(1.0 - objs[0]["x"], 0.18, 0.82)), float(y))
+    objs.append({"color": mate[0], "shape": mate[1], "x": away[0], "y": away[1],
+                 "r": float(min(r, objs[0]["r"]))})
+  objs.sort(key=lambda o: -o["r"])
+  return objs
+
+
+def hallucination_target(objs: list[dict], rng: np.random.Generator) -> tuple[str, str]:
+  """The object a co-occurrence prior would wrongly add: the partner of the first present
+  object (largest first) whose partner is absent, else a random absent object."""
+  present = _names(objs)
+  for o in objs:
+    mate = partner(o["color"], o["shape"])
+    if mate not in present:
+      return mate
+  return _absent(objs, rng)
+
+
+def sft_fields(objs: list[dict], rng: np.random.Generator, noise: float) -> dict[str, str]:
+  """The ``cooc`` config's SFT fields of a scene (module docstring). A fixed number of draws
+  from ``rng`` per scene."""
+  u_desc, u_q, u_kind, u_ans = rng.random(size=4)
+  xy, r = rng.uniform(0.15, 0.85, size=2), rng.uniform(0.09, 0.17)
+  target, other = hallucination_target(objs, rng), _absent(objs, rng)
+  fake = None
+  if u_desc < noise:
+    fake = {"color": target[0], "shape": target[1], "x": float(xy[0]), "y": float(xy[1]),
+            "r": float(r)}
+  shown = sorted(objs + ([fake] if fake else []), key=lambda o: -o["r"])
+  if u_q < 0.5:  # about a present object
+    o = objs[int(u_kind * len(objs)) % len(objs)]
+    asked, answer, sft = (o["color"], o["shape"]), "yes", "yes"
+  else:  # about an absent object: the co-occurring one half of the time
+    asked = target if u_kind < 0.5 else other
+    answer = "no"
+    sft = "yes" if asked == target and u_ans < noise else "no"
+  return {"sft_description": describe(shown),
+          "hallucinated": f"{fake['color']} {fake['shape']}" if fake else "",
+          "question": f"is there a {asked[0]} {asked[1]} in the image ?",
+          "answer": answer, "sft_answer": sft}
+
+
 #: the pre-tokenization of a word-level tokenizer (HF ``Whitespace``): words and punctuation.
 WORD_RE = re.compile(r"\w+|[^\w\s]+")
 
@@ -199,7 +290,7 @@ def vocabulary() -> list[str]:
   words = set(COLORS) | set(SHAPES) | set(SIZES) | set(_COUNTS) | {"shape", "shapes"}
   words |= {"a", "single", "there", "is", "picture", "of", "on", "dark", "background", "big",
             "smaller", "and", "left", "right", "above", "below", "at", "the", "top", "bottom",
-            "center", ":", ".", ","}
+            "center", ":", ".", ",", "yes", "no", "in", "image", "?"}
   return sorted(words)
 
 
@@ -246,12 +337,22 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
   def _has_scene_graph(self) -> bool:
     """Whether this version has ``caption``, ``description`` and ``objects`` (>= 1.2.0)."""
     return self.version >= "1.2.0"
+  @property
+  def _has_sft(self) -> bool:
+    """Whether the config has the SFT fields (``cooccur > 0``: ``cooc``)."""
+    return self._has_scene_graph and self.builder_config.cooccur > 0
+
   BUILDER_CONFIGS = [
       ShapesConfig(name="default", description="independent random scenes"),
       ShapesConfig(name="dups", description="half the train scenes copy 100 prototypes",
                    num_prototypes=100, dup_fraction=0.5),
       ShapesConfig(name="small", description="a small copy for tests", num_train=512,
                    num_val=64, num_test=128),
+      ShapesConfig(name="cooc", description="co-occurring objects and a hallucinating SFT pool "
+                   "(CLIP-DPO)", num_train=10_000, num_val=500, num_test=500, cooccur=0.7,
+                   sft_noise=0.3),
+      ShapesConfig(name="cooc_small", description="a small cooc for tests", num_train=512,
+                   num_val=64, num_test=128, cooccur=0.7, sft_noise=0.3),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -271,6 +372,8 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
                                              "x": np.float32, "y": np.float32,
                                              "r": np.float32}),
       })
+    if self._has_sft:
+      features.update({k: tfds.features.Text() for k in SFT_FIELDS})
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__,
@@ -298,6 +401,9 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
         objs = jitter_scene(protos[scene_id], rng)
       else:
         objs, scene_id = sample_scene(rng), cfg.num_prototypes + i
+      if self._has_sft:  # its own generator: the scenes' draws above stay as without it
+        srng = np.random.default_rng([cfg.seed, split_index, 7, i])
+        objs = add_partner(objs, srng, cfg.cooccur)
       example = {"image": render(objs, cfg.image_size),
                  "captions": captions(objs, rng),
                  "label": CLASS_NAMES.index(f"{objs[0]['color']} {objs[0]['shape']}"),
@@ -305,4 +411,6 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
       if self._has_scene_graph:  # no random draws: the fields above stay as in 1.1.0
         example.update(caption=canonical_caption(objs), description=describe(objs),
                        objects=scene_graph(objs))
+      if self._has_sft:
+        example.update(sft_fields(objs, srng, cfg.sft_noise))
       yield i, example

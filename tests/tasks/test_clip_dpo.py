@@ -1,0 +1,137 @@
+"""CLIP-DPO's DPO task: with the policy equal to its reference the loss is log 2 and the
+rewards 0; the three reference modes agree where they must; rows mask the answers only."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from bigvl import parallel, train
+from bigvl.config import ConfigError, load_sibling
+from bigvl.tasks import clip_dpo
+from tests.helpers import REPO
+
+
+@pytest.fixture(scope="module")
+def cooc_dir(shapes_data_dir):
+  from bigvl.data import sources
+
+  sources.get_source("shapes_captions/cooc_small", "train", shapes_data_dir)
+  return shapes_data_dir
+
+
+def write_prefs(path: str, n: int = 12) -> str:
+  rows = []
+  for i in range(n):
+    rows.append({"chosen": "two shapes . a red circle at the top .",
+                 "rejected": "three shapes . a red circle at the top . a green square .",
+                 "chosen_score": 20.0, "rejected_score": 15.0, "chosen_source": "sample",
+                 "rejected_source": "sample", "image_index": i,
+                 "question": "description" if i % 2 else "is there a red circle in the image ?",
+                 "kind": "caption", "chosen_ref_logp": -3.0 - i, "rejected_ref_logp": -5.0})
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  return path
+
+
+def dpo_config(data_dir: str, prefs: str, reference: str = "frozen", **overrides):
+  c = load_sibling(os.path.join(REPO, "configs", "x.py"), "clip_dpo_shapes").get_config(
+      f"tiny,stage=dpo,reference={reference},sft=/nonexistent,preferences={prefs}")
+  c.update_from_flattened_dict({"input.data_dir": data_dir,
+                                "input.dataset": "shapes_captions/cooc_small",
+                                "input.batch_size": 4, "input.num_threads": 1,
+                                "input.seq_len": 64, "mesh.data": 1, "total_steps": 2,
+                                **overrides})
+  c.evals = {}
+  c.init_from = {}
+  c.eval_at_start = False
+  return c
+
+
+def built(cfg):
+  run = train.build(cfg, devices=jax.devices()[:1])
+  data = run.task.train_data(run.seed)
+  batch = parallel.global_batch(next(data), run.mesh)
+  fns = train.compile_run(run, batch)
+  state = fns.init(batch) if not run.weights else None
+  return run, fns, batch, state
+
+
+def test_rows_mask_only_the_answers(cooc_dir, tmp_path):
+  cfg = dpo_config(cooc_dir, write_prefs(str(tmp_path / "p.jsonl")), "adapters_off")
+  run = train.build(cfg, devices=jax.devices()[:1])
+  task = run.task
+  ex = task.pairs[1]
+  row = task.pair_rows(ex, np.random.default_rng(0))
+  assert row["tokens"].shape == row["loss_mask"].shape == (2, 64)
+  for k, key in enumerate(("chosen", "rejected")):
+    answer = task.chat.answer_ids(ex[key])
+    prompt = task.chat.prompt_ids(ex["question"])
+    m = row["loss_mask"][k]
+    assert m.sum() == len(answer)
+    np.testing.assert_array_equal(row["tokens"][k][m == 1], answer)
+    assert m[:len(prompt)].sum() == 0
+  np.testing.assert_allclose(row["ref_logps"], [-4.0, -5.0])
+
+
+@pytest.mark.parametrize("reference", ["adapters_off", "precomputed"])
+def test_policy_equal_to_reference_gives_log2(cooc_dir, tmp_path, reference):
+  """LoRA's B starts at 0: the policy is the reference. With 'adapters_off' the loss is
+  exactly log 2 and the rewards 0; 'precomputed' reads the file's reference log-probs."""
+  cfg = dpo_config(cooc_dir, write_prefs(str(tmp_path / "p.jsonl")), reference)
+  run, _, batch, state = built(cfg)
+  params = train.model_params(state)
+  loss, (m, _) = run.task.loss(params, {}, batch, jax.random.key(0), 0)
+  if reference == "adapters_off":
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-6)
+    assert float(m["rewards/margin"]) == pytest.approx(0.0, abs=1e-6)
+  else:
+    policy, _ = run.task._logps(params["policy"], batch, None)
+    ref = np.asarray(batch["ref_logps"])
+    h = (np.asarray(policy[:, 0]) - ref[:, 0]) - (np.asarray(policy[:, 1]) - ref[:, 1])
+    want = np.mean(np.logaddexp(0.0, -0.1 * h))  # -log sigmoid(beta h)
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+
+
+def test_adapters_off_is_the_frozen_copy(cooc_dir, tmp_path):
+  """With trained (non-zero) adapters, 'adapters_off' scores exactly as a frozen copy of the
+  base weights, and the policy differs from both."""
+  cfg = dpo_config(cooc_dir, write_prefs(str(tmp_path / "p.jsonl")), "adapters_off")
+  run, _, batch, state = built(cfg)
+  params = train.model_params(state)
+  rng = np.random.default_rng(0)
+  moved = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype)
+      if "lora_b" in jax.tree_util.keystr(p) else x, params["policy"])
+  task = run.task
+  off, _ = task._logps(clip_dpo.adapters_off(moved), batch, None)
+  base, _ = task._logps(params["policy"], batch, None)  # B = 0: the base model
+  on, _ = task._logps(moved, batch, None)
+  np.testing.assert_allclose(off, base, rtol=1e-6, atol=1e-5)
+  assert np.abs(np.asarray(on) - np.asarray(base)).max() > 1e-3
+
+
+def test_only_policy_adapters_train(cooc_dir, tmp_path):
+  cfg = dpo_config(cooc_dir, write_prefs(str(tmp_path / "p.jsonl")), "adapters_off")
+  run = train.build(cfg, devices=jax.devices()[:1])
+  assert run.task.trainable("policy/lm/layers/attn/q/lora_a")
+  assert not run.task.trainable("policy/lm/layers/attn/q/kernel")
+  assert not run.task.trainable("ref/lm/layers/attn/q/lora_a")
+
+
+def test_bad_dpo_configs(cooc_dir, tmp_path):
+  prefs = write_prefs(str(tmp_path / "p.jsonl"))
+  one = jax.devices()[:1]
+  with pytest.raises(ConfigError, match="reference_path"):
+    train.build(dpo_config(cooc_dir, prefs, "frozen", **{"dpo.reference_path": ""}), devices=one)
+  with pytest.raises(ConfigError, match="beta"):
+    train.build(dpo_config(cooc_dir, prefs, "adapters_off", **{"dpo.beta": -1.0}), devices=one)
+  with pytest.raises(ConfigError, match="no preference file"):
+    train.build(dpo_config(cooc_dir, str(tmp_path / "missing.jsonl"), "adapters_off"), devices=one)
+  with pytest.raises(ConfigError, match="LoRA"):
+    train.build(dpo_config(cooc_dir, prefs, "adapters_off", **{"model.lora.rank": 0}), devices=one)
