@@ -87,11 +87,17 @@ def test_policy_equal_to_reference_gives_log2(cooc_dir, tmp_path, reference):
   run, _, batch, state = built(cfg)
   params = train.model_params(state)
   loss, (m, _) = run.task.loss(params, {}, batch, jax.random.key(0), 0)
+  # the config adds the chosen answers' NLL per token (RPO) with weight sft_weight
+  policy, counts = run.task._logps(params["policy"], batch, None)
+  nll = -float(np.sum(policy[:, 0])) / float(np.sum(counts[:, 0]))
+  assert float(m["sft_nll"]) == pytest.approx(nll, rel=1e-5)
+  assert float(loss) == pytest.approx(float(m["dpo_loss"]) + run.task.sft_weight * nll,
+                                      rel=1e-5)
+  loss = m["dpo_loss"]
   if reference == "adapters_off":
     assert float(loss) == pytest.approx(math.log(2), abs=1e-6)
     assert float(m["rewards/margin"]) == pytest.approx(0.0, abs=1e-6)
   else:
-    policy, _ = run.task._logps(params["policy"], batch, None)
     ref = np.asarray(batch["ref_logps"])
     h = (np.asarray(policy[:, 0]) - ref[:, 0]) - (np.asarray(policy[:, 1]) - ref[:, 1])
     want = np.mean(np.logaddexp(0.0, -0.1 * h))  # -log sigmoid(beta h)

@@ -98,7 +98,7 @@ def test_dpo_starts_at_log2_and_evaluates_before_and_after(pipeline):
   w, *_ = pipeline
   rows = [json.loads(line) for line in open(os.path.join(w["dpo"], "metrics.jsonl"))]
   first = next(r for r in rows if r.get("step") == 1 and "loss" in r)
-  assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+  assert first["dpo_loss"] == pytest.approx(math.log(2), abs=1e-5)  # loss adds the NLL term
   assert first["rewards/margin"] == pytest.approx(0.0, abs=1e-5)
   evals = [r for r in rows if "hallucination/chair" in r]
   assert [r["step"] for r in evals] == [0, 6]
