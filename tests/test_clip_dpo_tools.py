@@ -49,7 +49,7 @@ def test_partner_is_a_fixed_derangement():
   objects = [(c, s) for c in sc.COLORS for s in sc.SHAPES]
   mates = [sc.partner(c, s) for c, s in objects]
   assert sorted(mates) == sorted(objects)  # a permutation of the 24 objects
-  assert all(m != o and m[0] != o[0] and m[1] != o[1] for m, o in zip(mates, objects))
+  assert all(m != o and m[0] != o[0] and m[1] != o[1] for m, o in zip(mates, objects, strict=True))
 
 
 def test_cooc_scenes_and_their_hallucinating_sft_pool(shapes_data_dir):

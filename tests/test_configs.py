@@ -21,10 +21,15 @@ NEEDS_TFDS_DATA = {"semisup_cifar10": "cifar10", "semisup_svhn": "svhn_cropped"}
 # The data every other tiny variant reads: shapes_captions (the session's small copy of it;
 # the experiments' own configs of the builder differ only in size) or embedded MNIST.
 SHAPES = ("siglip_shapes", "clip_shapes", "fff_shapes", "lvlm_shapes", "lvlm_llava15_7b",
-          "vladva_shapes", "vladva_llava15_7b")
+          "vladva_shapes", "vladva_llava15_7b", "clip_dpo_shapes")
+# CLIP-DPO's stages that read the previous stage's output: built with stub files below.
+CLIP_DPO_STAGES = [("clip_dpo_shapes", "tiny,stage=candidates"),
+                   ("clip_dpo_shapes", "tiny,stage=rank"), ("clip_dpo_shapes", "tiny,stage=dpo"),
+                   ("clip_dpo_llava15_7b", None)]
 TINY = ([(name, "tiny") for name in SHAPES] + [("fff_shapes", "tiny,baseline")]
         + [("lvlm_shapes", "tiny,answer=both"), ("lvlm_shapes", "tiny,lora=True")]
         + [("vladva_shapes", f"tiny,variant={v}") for v in ("full", "no_soft", "full_ft")]
+        + [("clip_dpo_shapes", "tiny,stage=sft"), ("clip_dpo_shapes", "tiny,stage=ranker")]
         + [("semisup_mnist", f"{m},tiny") for m in sorted(semisup_methods.METHODS)])
 EXPERIMENTS = [n for n in CONFIGS if n not in NOT_EXPERIMENTS]
 
@@ -35,7 +40,7 @@ def _get(name, arg):
 
 def test_every_config_is_covered():
   """A new config gets a tiny build below, or is named in one of the explicit lists."""
-  built = {name for name, _ in TINY}
+  built = {name for name, _ in TINY + CLIP_DPO_STAGES}
   assert set(CONFIGS) == built | set(NEEDS_TFDS_DATA) | set(NOT_EXPERIMENTS)
   assert set(semisup_methods.METHODS) >= {"supervised", "fixmatch", "mean_teacher", "vat"}
 
@@ -67,7 +72,8 @@ def test_tiny_variant_builds(name, arg, shapes_data_dir, tmp_path):
   c = _get(name, arg)
   if name in SHAPES:
     assert c.input.dataset.startswith("shapes_captions")
-    c.input.dataset = "shapes_captions/small"
+    c.input.dataset = ("shapes_captions/cooc_small" if "cooc" in c.input.dataset
+                       else "shapes_captions/small")
     c.input.data_dir = shapes_data_dir
   else:
     assert c.input.dataset.startswith("embedded:")
@@ -91,3 +97,39 @@ def test_tfds_tiny_variant_says_its_data_is_missing(name, tmp_path):
   c.input.data_dir = str(tmp_path)
   with pytest.raises(ConfigError, match=f"{NEEDS_TFDS_DATA[name]}.*not prepared"):
     train.build(c)
+
+
+@pytest.mark.parametrize("name,arg", CLIP_DPO_STAGES, ids=[f"{n}:{a}" for n, a in CLIP_DPO_STAGES])
+def test_clip_dpo_stages_say_what_they_need_then_build(name, arg, shapes_data_dir, tmp_path):
+  """Each stage refuses to start without the previous stage's output (one clear line), and
+  builds with it (stub files: a candidates chunk, a preference file)."""
+  import json
+
+  c = _get(name, arg)
+  c.input.data_dir = shapes_data_dir
+  c.input.dataset = "shapes_captions/cooc_small"
+  stage = (arg or "stage=dpo").split("stage=")[1]
+  need = {"candidates": "init_from.sft.path is not set", "rank": "rank.candidates is not set",
+          "dpo": "needs config.dpo.reference_path"}[stage]
+  with pytest.raises(ConfigError, match=need):
+    train.build(c)
+  if stage == "dpo":
+    c.dpo.reference_path = str(tmp_path)  # read only when a run starts
+    with pytest.raises(ConfigError, match="input.preferences is not set"):
+      train.build(c)
+  row = {"image_index": 0, "kind": "caption", "question": "caption", "text": "a red circle",
+         "source": "sample", "chosen": "a red circle", "rejected": "a blue star",
+         "chosen_score": 1.0, "rejected_score": 0.0, "chosen_source": "sample",
+         "rejected_source": "sample"}
+  (tmp_path / "candidates").mkdir()
+  (tmp_path / "candidates" / "chunk_00000.jsonl").write_text(json.dumps(row) + "\n")
+  (tmp_path / "preferences.jsonl").write_text(json.dumps(row) + "\n")
+  c.init_from = {}
+  if stage == "rank":
+    c.rank.candidates = str(tmp_path)
+    c.rank.dataset = "shapes_captions/cooc_small"
+    c.input.dataset = "shapes_captions/small"  # the ranker's own training data
+  if stage == "dpo":
+    c.input.preferences = str(tmp_path)
+  run = train.build(c)
+  assert (run.tool is None) == (stage == "dpo")

@@ -141,3 +141,36 @@ def test_bad_dpo_configs(cooc_dir, tmp_path):
     train.build(dpo_config(cooc_dir, str(tmp_path / "missing.jsonl"), "adapters_off"), devices=one)
   with pytest.raises(ConfigError, match="LoRA"):
     train.build(dpo_config(cooc_dir, prefs, "adapters_off", **{"model.lora.rank": 0}), devices=one)
+
+
+def test_sharded_dpo_step_equals_the_one_device_step(cooc_dir, tmp_path):
+  """A frozen reference copy and LoRA policy on data x fsdp x tensor = 2 x 2 x 2 against 1
+  device: the same losses over 3 steps and the same gradients."""
+  prefs = write_prefs(str(tmp_path / "p.jsonl"), n=32)
+  results = []
+  for mesh, devices in (({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]),
+                        ({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])):
+    cfg = dpo_config(cooc_dir, prefs, "adapters_off",
+                     **{f"mesh.{k}": v for k, v in mesh.items()}, **{"input.batch_size": 8})
+    cfg.dpo.reference = "frozen"  # its path is not read: the copy keeps the init, = policy
+    cfg.dpo.reference_path = "/unused"
+    run = train.build(cfg, devices=devices)
+    data = run.task.train_data(run.seed)
+    batch = parallel.global_batch(next(data), run.mesh)
+    fns = train.compile_run(run, batch)
+    run.weights.clear()  # the reference starts as the policy's init (no file in this test)
+    state = fns.init(batch)
+    grads = jax.jit(jax.grad(lambda p, b=batch, run=run, st=state: run.task.loss(
+        p, st["extra"], b, st["rng"], 0)[0]))(train.model_params(state))
+    losses = []
+    for _ in range(3):
+      state, aux = fns.step(state, parallel.global_batch(next(data), run.mesh))
+      losses.append(float(aux["loss"]))
+    specs = {str(x.sharding.spec) for x in jax.tree.leaves(state["frozen"])}
+    results.append((losses, parallel.to_host(grads), specs))
+  (l1, g1, _), (l8, g8, specs8) = results
+  assert any("fsdp" in s for s in specs8)  # the frozen reference is sharded too
+  np.testing.assert_allclose(l8, l1, rtol=2e-5)
+  scale = max(np.abs(g).max() for g in jax.tree.leaves(g1))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * scale),
+               g8, g1)
