@@ -114,6 +114,17 @@ def sweep(a, code: str) -> None:
           cell(np.array([res[k]]), sc) for _, k, sc, _ in METRICS) + " |")
   lines.insert(len(lines) - 2 * len(SWEEP), "| SFT (before DPO) | - | " + " | ".join(
       cell(np.array([sft_row[k]]), sc) for _, k, sc, _ in METRICS) + " |")
+  # the default setting on the description and caption pairs only (the yes/no pairs removed)
+  rank = os.path.join(a.root, "rank_clip_seed0")
+  no_qa = os.path.join(a.root, "prefs_clip_seed0_no_qa")
+  os.makedirs(no_qa, exist_ok=True)
+  with open(os.path.join(rank, "preferences.jsonl")) as f, \
+       open(os.path.join(no_qa, "preferences.jsonl"), "w") as g:
+    g.writelines(line for line in f if json.loads(line)["kind"] != "qa")
+  _, res, _ = run(a.root, "sweep_clip_no_qa", f"stage=dpo,seed=0,sft={sft},preferences={no_qa}",
+                  a.data_dir, code)
+  lines.append("| DPO + NLL(chosen), lr 3e-4, without the yes/no pairs | clip | " + " | ".join(
+      cell(np.array([res[k]]), sc) for _, k, sc, _ in METRICS) + " |")
   out = os.path.join(os.path.dirname(a.out), "clip_dpo_sweep.md")
   with open(out, "w") as f:
     f.write("\n".join(lines) + "\n")
