@@ -125,6 +125,22 @@ def sweep(a, code: str) -> None:
                   a.data_dir, code)
   lines.append("| DPO + NLL(chosen), lr 3e-4, without the yes/no pairs | clip | " + " | ".join(
       cell(np.array([res[k]]), sc) for _, k, sc, _ in METRICS) + " |")
+  # how often the ranker's kept pairs are right, by the pair's score gap (seed 0)
+  with open(os.path.join(rank, "preferences.jsonl")) as f:
+    pairs = [json.loads(line) for line in f]
+  lines += ["", "Seed 0's CLIP-ranked pairs: the fraction whose chosen side is truly better "
+            "(scene graph), by the minimum score gap (100x cosine):", "",
+            "| gap >= | yes/no pairs | right | description pairs | chosen better | chosen worse |",
+            "|---:|---:|---:|---:|---:|---:|"]
+  for gap in (2, 4, 8, 14):
+    qa = [p for p in pairs if p["kind"] == "qa" and p["chosen_score"] - p["rejected_score"] >= gap]
+    de = [p for p in pairs if p["question"] == "description"
+          and p["chosen_score"] - p["rejected_score"] >= gap]
+    lines.append(
+        f"| {gap} | {len(qa)} | {100 * np.mean([p['chosen_wrong'] == 0 for p in qa]):.0f}% | "
+        f"{len(de)} | "
+        f"{100 * np.mean([p['chosen_wrong'] < p['rejected_wrong'] for p in de]):.0f}% | "
+        f"{100 * np.mean([p['chosen_wrong'] > p['rejected_wrong'] for p in de]):.0f}% |")
   out = os.path.join(os.path.dirname(a.out), "clip_dpo_sweep.md")
   with open(out, "w") as f:
     f.write("\n".join(lines) + "\n")
