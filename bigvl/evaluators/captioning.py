@@ -50,7 +50,7 @@ from bigvl import parallel
 from bigvl.config import ConfigError, Reader, positive_int
 from bigvl.data import pipeline
 from bigvl.evaluators._embedding import Head
-from bigvl.evaluators._split import read_eval_split
+from bigvl.evaluators._split import EvalSplit, read_eval_split
 from bigvl.tasks.base import EvalView
 
 #: the object vocabulary of shapes_captions (kept here so scoring needs no TFDS import).
@@ -157,6 +157,18 @@ def _texts(value: Any) -> list[str]:
   return [v.decode() if isinstance(v, bytes) else str(v) for v in value]
 
 
+def scene_graph_split(cfg: Reader, task: EvalView, mesh: Mesh, num_examples: int
+                      ) -> tuple[EvalSplit, Head]:
+  """The eval split (``read_eval_split``) and its first ``cfg.num_examples`` (default
+  ``num_examples``) records; a ConfigError if the dataset has no scene graph (``objects``)."""
+  split = read_eval_split(cfg, task, mesh)
+  features = getattr(split.info, "features", None)
+  if features is not None and "objects" not in features:
+    raise ConfigError(f"{cfg.path}: dataset {split.dataset!r} has no scene graph ('objects'; "
+                      f"shapes_captions >= 1.2.0 has); its features: {', '.join(features)}")
+  return split, Head(split.source, positive_int(cfg, "num_examples", num_examples))
+
+
 class Evaluator:
   """See the module docstring."""
 
@@ -167,13 +179,8 @@ class Evaluator:
     self.task, self.mesh = task, mesh
     kind = cfg.typed("kind", str, "image_prompt")
     task.require_kind(kind, cfg.path)
-    split = read_eval_split(cfg, task, mesh)
+    split, self.source = scene_graph_split(cfg, task, mesh, 256)
     self.dataset, self.batch_size = split.dataset, split.batch_size
-    features = getattr(split.info, "features", None)
-    if features is not None and "objects" not in features:
-      raise ConfigError(f"{cfg.path}: dataset {split.dataset!r} has no scene graph ('objects'; "
-                        f"shapes_captions >= 1.2.0 has); its features: {', '.join(features)}")
-    self.source = Head(split.source, positive_int(cfg, "num_examples", 256))
     question = cfg.typed("question", str, None)
     self._transform = task.eval_transform(kind, **({} if question is None else
                                                    {"question": question}))

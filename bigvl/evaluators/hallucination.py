@@ -87,15 +87,15 @@ from bigvl import parallel
 from bigvl.config import ConfigError, Reader, check_choice, positive_int
 from bigvl.data import pipeline, sources
 from bigvl.evaluators._embedding import Head
-from bigvl.evaluators._split import read_eval_split
 from bigvl.evaluators.captioning import (
-    Object,
-    generate_texts,
-    named_objects,
-    normalize,
-    scene_objects,
-    score_captions,
-    write_captions,
+  Object,
+  generate_texts,
+  named_objects,
+  normalize,
+  scene_graph_split,
+  scene_objects,
+  score_captions,
+  write_captions,
 )
 from bigvl.tasks.base import EvalView
 
@@ -248,13 +248,9 @@ class Evaluator:
 
   def __init__(self, cfg: Reader, task: EvalView, mesh: Mesh):
     self.task, self.mesh = task, mesh
-    split = read_eval_split(cfg, task, mesh)
+    split, self.source = scene_graph_split(cfg, task, mesh, 128)
     self.dataset, self.batch_size = split.dataset, split.batch_size
     features = getattr(split.info, "features", None)
-    if features is not None and "objects" not in features:
-      raise ConfigError(f"{cfg.path}: dataset {split.dataset!r} has no scene graph ('objects'; "
-                        f"shapes_captions >= 1.2.0 has); its features: {', '.join(features)}")
-    self.source = Head(split.source, positive_int(cfg, "num_examples", 128))
     self.seed = cfg.typed("seed", int, 0)
     if self.seed < 0:
       raise ConfigError(f"{cfg.path}.seed must be >= 0, got {self.seed}")
