@@ -153,7 +153,7 @@ def weight_sources(path: str, dst: str, *, src: str | None = None,
     from bigvl import convert
 
     if src is not None:
-      raise ConfigError(f"{what}: src={src!r} is not used for a Hugging Face checkpoint "
+      raise ConfigError(f"{what}: src={src!r}: not used for a Hugging Face checkpoint "
                         f"({path}); its names come from its config.json model_type")
     return list(convert.weight_sources(path, dst, what=what))
   return [WeightSource(path=path, dst=dst, src=src, what=what, keep_init=keep_init)]

@@ -30,6 +30,8 @@ TINY = ([(name, "tiny") for name in SHAPES] + [("fff_shapes", "tiny,baseline")]
         + [("lvlm_shapes", "tiny,answer=both"), ("lvlm_shapes", "tiny,lora=True")]
         + [("vladva_shapes", f"tiny,variant={v}") for v in ("full", "no_soft", "full_ft")]
         + [("clip_dpo_shapes", "tiny,stage=sft"), ("clip_dpo_shapes", "tiny,stage=ranker")]
+        + [("da_digits", a) for a in ("tiny", "method=source_only,tiny", "tc_cliv,tiny",
+                                      "method=dann,tc_cliv,direction=mnist2uci,tiny")]
         + [("semisup_mnist", f"{m},tiny") for m in sorted(semisup_methods.METHODS)])
 EXPERIMENTS = [n for n in CONFIGS if n not in NOT_EXPERIMENTS]
 
@@ -40,7 +42,7 @@ def _get(name, arg):
 
 def test_every_config_is_covered():
   """A new config gets a tiny build below, or is named in one of the explicit lists."""
-  built = {name for name, _ in TINY + CLIP_DPO_STAGES}
+  built = {name for name, _ in TINY + CLIP_DPO_STAGES} | {"da_benchmarks"}
   assert set(CONFIGS) == built | set(NEEDS_TFDS_DATA) | set(NOT_EXPERIMENTS)
   assert set(semisup_methods.METHODS) >= {"supervised", "fixmatch", "mean_teacher", "vat"}
 
@@ -76,7 +78,9 @@ def test_tiny_variant_builds(name, arg, shapes_data_dir, tmp_path):
                        else "shapes_captions/small")
     c.input.data_dir = shapes_data_dir
   else:
-    assert c.input.dataset.startswith("embedded:")
+    datasets = ([c.input.source.dataset, c.input.target.dataset] if "source" in c.input
+                else [c.input.dataset])  # domain adaptation reads two domains
+    assert all(d.startswith("embedded:") for d in datasets)
     c.input.data_dir = str(tmp_path)  # nothing may be read from a data dir
   unset = [k for k, v in c.get("init_from", {}).items() if v.get("path") is None]
   if unset:  # weights a user names (a public checkpoint): refused clearly until then
@@ -88,6 +92,15 @@ def test_tiny_variant_builds(name, arg, shapes_data_dir, tmp_path):
   assert {name for name, _, _ in run.evaluators} == set(c.evals)
   assert run.task.batch_size == c.input.batch_size
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("benchmark", ["office31", "officehome", "visda", "mnist_usps"])
+def test_da_benchmarks_say_their_data_is_missing(benchmark, tmp_path):
+  """The real benchmarks' configs build up to their data, and say which folder is missing."""
+  c = _get("da_benchmarks", f"benchmark={benchmark},root={tmp_path}")
+  c.input.data_dir = str(tmp_path)
+  with pytest.raises(ConfigError, match="does not exist|not prepared"):
+    train.build(c)
 
 
 @pytest.mark.parametrize("name", sorted(NEEDS_TFDS_DATA))

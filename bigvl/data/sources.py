@@ -7,7 +7,9 @@
 * any TFDS dataset already prepared as ArrayRecord under the data dir (``'coco_captions'``,
   ``'cifar10'``, ...): the path real users take with a config change;
 * ``'embedded:<name>'``: real data an installed package ships, from the registry of
-  :func:`register_embedded` (filled by the modules in :data:`EMBEDDED_PROVIDERS`).
+  :func:`register_embedded` (filled by the modules in :data:`EMBEDDED_PROVIDERS`);
+* ``'folder:<root>'``: an image folder, one sub-directory per class (``bigvl.data.folders``:
+  Office-31, Office-Home, VisDA as distributed).
 
 The data dir is ``config.input.data_dir``, else ``$BIGVL_DATA``, else ``~/tensorflow_datasets``.
 
@@ -159,6 +161,11 @@ def get_source(name: str, split: str, root: str | None = None) -> tuple[Any, Any
   root = data_dir(root)
   if name.startswith("embedded:"):
     return SkippingSource(_embedded_source(name.split(":", 1)[1], split), name), None
+  if name.startswith("folder:"):
+    from bigvl.data import folders
+
+    src, info = folders.load(name.split(":", 1)[1], split)
+    return SkippingSource(src, name), info
   builder = tfds_builder(name, root)
   if split.split("[")[0] not in builder.info.splits:
     raise ConfigError(f"dataset {name!r} has no split {split!r}; splits: "

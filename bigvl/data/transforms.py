@@ -61,6 +61,7 @@ chat_encode        an answer (``answer_key``; several keys: one drawn, with its 
                    ``bigvl.data.captioning.ChatEncoder.encode``)
 chat_prompt        the template's generation prompt, left-padded -> ``prompt`` / ``prompt_mask``
                    int32 ``[max_len]`` (``ChatEncoder.prompt_row``)
+channels           an image to 1 (luma) or 3 (repeated gray) channels
 views              run several sub-pipelines on the same example and stack their ``out`` keys
                    ``[V, ...]`` (multi-view methods: Pi-model, FixMatch, few-shot episodes)
 =================  ========================================================================
@@ -417,6 +418,31 @@ def _resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
 def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
   """Source index of each output pixel: ``floor((i + 0.5) n_in / n_out)`` (pixel centres)."""
   return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
+
+
+@register("channels")
+class Channels:
+  """``key`` with ``num`` channels: RGB -> 1 by the ITU-R 601 luma weights, 1 -> 3 by
+  repeating; images that have ``num`` already are unchanged (mixing gray and colour domains:
+  MNIST -> USPS, digits -> SVHN)."""
+
+  def __init__(self, num: int, key: str = "image"):
+    if num not in (1, 3):
+      raise ValueError(f"channels: num must be 1 or 3, got {num!r}")
+    self.num, self.key = num, key
+
+  def __call__(self, example: Example, rng: Any) -> Example:
+    x = np.asarray(example[self.key])
+    x = x[..., None] if x.ndim == 2 else x
+    if x.shape[-1] == self.num:
+      return {**example, self.key: x}
+    if self.num == 3 and x.shape[-1] == 1:
+      return {**example, self.key: np.repeat(x, 3, axis=-1)}
+    if self.num == 1 and x.shape[-1] in (3, 4):
+      gray = x[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+      out = np.clip(np.rint(gray), 0, 255).astype(x.dtype) if x.dtype == np.uint8 else gray
+      return {**example, self.key: out[..., None]}
+    raise ValueError(f"channels({self.num}): cannot convert an image with {x.shape[-1]}")
 
 
 @register("resize")

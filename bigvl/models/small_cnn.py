@@ -2,11 +2,12 @@
 
 Same interface as ``bigvl.models.wide_resnet.WideResNet``:
 ``SmallCNN(num_classes=10)(x [B, H, W, C] float, train: bool) -> logits [B, K]`` (float32),
-``batch_stats`` collection mutable in training. Three 3x3 conv -> BN -> leaky ReLU(0.1) stages
-(``width, 2 width, 4 width`` channels, strides 1, 2, 2), global average pooling, dense head, so
-any input size works (28x28x1, 8x8x1, 32x32x3). ``width=32``, 10 classes: 94,186 parameters
-on 1-channel inputs (94,762 on 3 channels). BN statistics are over the global batch under jit
-with sharded arrays (see ``wide_resnet``).
+``batch_stats`` collection mutable in training; ``return_features=True`` also returns the
+pooled features ``[B, D]`` (domain adaptation aligns them). Three 3x3 conv -> BN -> leaky
+ReLU(0.1) stages (``width, 2 width, 4 width`` channels, strides 1, 2, 2), global average
+pooling, dense head, so any input size works (28x28x1, 8x8x1, 32x32x3). ``width=32``, 10
+classes: 94,186 parameters on 1-channel inputs (94,762 on 3 channels). BN statistics are over
+the global batch under jit with sharded arrays (see ``wide_resnet``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class SmallCNN(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, return_features: bool = False) -> jax.Array:
     x = x.astype(self.dtype)
     for i in range(self.stages):
       stride = 1 if i == 0 else 2
@@ -56,7 +57,8 @@ class SmallCNN(nn.Module):
                        momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
                        name=f"bn{i}", **logical.batch_norm_inits())(x)
       x = leaky_relu(x)
-    return classifier_head(x, self.num_classes, self.dropout_rate, train, self.dtype)
+    return classifier_head(x, self.num_classes, self.dropout_rate, train, self.dtype,
+                           return_features)
 
 
 def from_config(cfg, num_classes: int) -> SmallCNN:

@@ -95,7 +95,7 @@ class WideResNet(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, return_features: bool = False) -> jax.Array:
     if (self.depth - 4) % 6:
       raise ValueError(f"WideResNet depth must be 6n + 4, got {self.depth}")
     blocks_per_group = (self.depth - 4) // 6
@@ -114,20 +114,26 @@ class WideResNet(nn.Module):
                      epsilon=self.bn_epsilon, dtype=self.dtype, name="bn_final",
                      **logical.batch_norm_inits())(x)
     x = leaky_relu(x)
-    return classifier_head(x, self.num_classes, self.dropout_rate, train, self.dtype)
+    return classifier_head(x, self.num_classes, self.dropout_rate, train, self.dtype,
+                           return_features)
 
 
 def classifier_head(x: jax.Array, num_classes: int, dropout_rate: float, train: bool,
-                    dtype: Any) -> jax.Array:
-  """Global average pooling -> dropout (train only) -> dense ``head`` -> float32 logits.
+                    dtype: Any, return_features: bool = False
+                    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """Global average pooling -> dropout (train only) -> dense ``head`` -> float32 logits; with
+  ``return_features`` also the pooled features ``[B, D]`` (float32, before dropout: what
+  domain adaptation aligns).
 
   Called from inside a compact ``__call__``: the layers become the caller's submodules."""
   x = jnp.mean(x, axis=(1, 2))
+  features = x
   if dropout_rate:
     x = nn.Dropout(dropout_rate, deterministic=not train)(x)
   x = logical.dense(num_classes, ("conv_out", "classes"), kernel_init=dense_init, dtype=dtype,
                     name="head")(x)
-  return x.astype(jnp.float32)
+  logits = x.astype(jnp.float32)
+  return (logits, features.astype(jnp.float32)) if return_features else logits
 
 
 def from_config(cfg, num_classes: int) -> WideResNet:
