@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 from _runs import REPO, code_version, prepare_workdir  # bench/experiments/_runs.py
+from _table import write_lines  # bench/experiments/_table.py
 
 CONFIG = "configs/clip_dpo_shapes.py:tiny"
 # (label, key, scale to %, lower is better)
@@ -142,9 +143,7 @@ def sweep(a, code: str) -> None:
         f"{100 * np.mean([p['chosen_wrong'] < p['rejected_wrong'] for p in de]):.0f}% | "
         f"{100 * np.mean([p['chosen_wrong'] > p['rejected_wrong'] for p in de]):.0f}% |")
   out = os.path.join(os.path.dirname(a.out), "clip_dpo_sweep.md")
-  with open(out, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  write_lines(lines, out)
 
 
 def main() -> None:
@@ -227,10 +226,7 @@ def main() -> None:
   lines += ["", "Wall time per run (2-core CPU): " + ", ".join(
       f"{k} {np.mean(v):.0f} s" for k, v in secs.items()) + f", ranker {ranker_secs:.0f} s "
       "(once)."]
-  os.makedirs(os.path.dirname(a.out), exist_ok=True)
-  with open(a.out, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  write_lines(lines, a.out)
 
 
 if __name__ == "__main__":

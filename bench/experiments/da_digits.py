@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 from _runs import REPO, code_version, prepare_workdir  # bench/experiments/_runs.py
+from _table import write_lines  # bench/experiments/_table.py
 
 DIRECTIONS = [("UCI -> MNIST", "uci2mnist"), ("MNIST -> UCI", "mnist2uci")]
 METHODS = [("source only", "method=source_only"), ("DANN", "method=dann"),
@@ -100,10 +101,7 @@ def main() -> None:
     lines.append(f"| {label} | " + " | ".join(
         f"{100 * sure[d, label][:, 0].mean():.0f}% / {100 * sure[d, label][:, 1].mean():.0f}%"
         for _, d in DIRECTIONS) + " |")
-  os.makedirs(os.path.dirname(a.out), exist_ok=True)
-  with open(a.out, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  write_lines(lines, a.out)
 
 
 if __name__ == "__main__":
