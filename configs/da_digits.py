@@ -66,8 +66,8 @@ def get_config(arg=None):
   c.schedule = mlc.ConfigDict({"warmup_steps": 0, "decay": "cosine", "end_frac": 0.1})
   c.evals = mlc.ConfigDict()
   c.evals.target = dict(type="classification", every=c.total_steps, split="test",
-                        batch_size=500 if a.tiny else 1000,
+                        batch_size=512,  # divisible by an 8-device mesh; the last is padded
                         confidence_threshold=c.da.cliv_threshold)  # CLIV's pseudo-labels
   c.evals.source = dict(type="classification", every=c.total_steps, split="test",
-                        dataset=DOMAINS[src], batch_size=300 if a.tiny else 300)
+                        dataset=DOMAINS[src], batch_size=256)
   return c

@@ -57,3 +57,21 @@ def start_main(args: list[str], stdout, stderr, env_extra: dict | None = None
                ) -> subprocess.Popen:
   """:func:`run_main` without waiting: the test watches, signals and reaps the process."""
   return subprocess.Popen(**_main_cmd(args, env_extra), stdout=stdout, stderr=stderr, text=True)
+
+
+def grads_and_losses(run, fns, state, batch, data, steps: int = 3):
+  """The whole-parameter gradient of ``run.task.loss`` on ``batch`` at ``state``, then the
+  losses of ``steps`` train steps on the next batches of ``data``: what a sharded step is
+  compared by against the 1-device step. Returns ``(host gradients, losses, final state)``."""
+  import jax
+
+  from bigvl import parallel, train
+
+  grads = jax.jit(jax.grad(lambda p: run.task.loss(
+      p, state["extra"], batch, state["rng"], 0)[0]))(train.model_params(state))
+  grads = parallel.to_host(grads)
+  losses = []
+  for _ in range(steps):
+    state, aux = fns.step(state, parallel.global_batch(next(data), run.mesh))
+    losses.append(float(aux["loss"]))
+  return grads, losses, state

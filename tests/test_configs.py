@@ -94,10 +94,10 @@ def test_tiny_variant_builds(name, arg, shapes_data_dir, tmp_path):
   assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("benchmark", ["office31", "officehome", "visda", "mnist_usps"])
-def test_da_benchmarks_say_their_data_is_missing(benchmark, tmp_path):
+@pytest.mark.parametrize("name", ["office31", "officehome", "visda", "mnist_usps"])
+def test_da_benchmarks_say_their_data_is_missing(name, tmp_path):
   """The real benchmarks' configs build up to their data, and say which folder is missing."""
-  c = _get("da_benchmarks", f"benchmark={benchmark},root={tmp_path}")
+  c = _get("da_benchmarks", f"benchmark={name},root={tmp_path}")
   c.input.data_dir = str(tmp_path)
   with pytest.raises(ConfigError, match="does not exist|not prepared"):
     train.build(c)

@@ -14,7 +14,7 @@ import pytest
 from bigvl import parallel, train
 from bigvl.config import ConfigError, load_sibling
 from bigvl.tasks import clip_dpo
-from tests.helpers import REPO
+from tests.helpers import REPO, grads_and_losses
 
 
 @pytest.fixture(scope="module")
@@ -159,15 +159,9 @@ def test_sharded_dpo_step_equals_the_one_device_step(cooc_dir, tmp_path):
     batch = parallel.global_batch(next(data), run.mesh)
     fns = train.compile_run(run, batch)
     run.weights.clear()  # the reference starts as the policy's init (no file in this test)
-    state = fns.init(batch)
-    grads = jax.jit(jax.grad(lambda p, b=batch, run=run, st=state: run.task.loss(
-        p, st["extra"], b, st["rng"], 0)[0]))(train.model_params(state))
-    losses = []
-    for _ in range(3):
-      state, aux = fns.step(state, parallel.global_batch(next(data), run.mesh))
-      losses.append(float(aux["loss"]))
+    grads, losses, state = grads_and_losses(run, fns, fns.init(batch), batch, data)
     specs = {str(x.sharding.spec) for x in jax.tree.leaves(state["frozen"])}
-    results.append((losses, parallel.to_host(grads), specs))
+    results.append((losses, grads, specs))
   (l1, g1, _), (l8, g8, specs8) = results
   assert any("fsdp" in s for s in specs8)  # the frozen reference is sharded too
   np.testing.assert_allclose(l8, l1, rtol=2e-5)

@@ -12,7 +12,7 @@ import pytest
 from bigvl import parallel, train
 from bigvl.config import load_sibling
 from bigvl.tasks.lvlm_caption import next_token_loss
-from tests.helpers import REPO
+from tests.helpers import REPO, grads_and_losses
 
 
 def lvlm_config(data_dir: str, arg: str = "tiny", **overrides):
@@ -94,13 +94,8 @@ def test_sharded_step_equals_the_one_device_step(shapes_data_dir):
     run, fns, state, data = compiled(c, devices)
     specs = {str(x.sharding.spec) for x in jax.tree.leaves(state["params"])}
     batch = parallel.global_batch(next(data), run.mesh)
-    grads = jax.jit(jax.grad(lambda p, b=batch, run=run, st=state: run.task.loss(
-        p, st["extra"], b, st["rng"], 0)[0]))(train.model_params(state))
-    losses = []
-    for _ in range(3):
-      state, aux = fns.step(state, parallel.global_batch(next(data), run.mesh))
-      losses.append(float(aux["loss"]))
-    results.append((losses, parallel.to_host(grads), specs))
+    grads, losses, _ = grads_and_losses(run, fns, state, batch, data)
+    results.append((losses, grads, specs))
   (l1, g1, _), (l8, g8, specs8) = results
   assert any("tensor" in s for s in specs8) and any("fsdp" in s for s in specs8)
   np.testing.assert_allclose(l8, l1, rtol=2e-5)
