@@ -22,6 +22,7 @@ setup(
         "array_record>=0.8",
         "tokenizers>=0.20",
         "tensorboardX>=2.6",
+        "tqdm>=4.60",  # progress bars of the tools (CLIP-DPO generation and ranking)
         "pillow>=10",
         "absl-py>=2.0",
         "mlxtend>=0.23",
