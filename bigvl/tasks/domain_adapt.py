@@ -111,7 +111,7 @@ def read_knobs(r: Reader | None) -> dict[str, Any]:
       value = r.typed(name, kind, default)
       out[name] = float(value) if isinstance(default, float) else value
   for name in ("adv_weight", "tc_weight", "cliv_weight", "grl_alpha", "grl_max", "vat_eps",
-               "vat_xi", "disc_dropout"):
+               "vat_xi"):
     if out[name] < 0:
       raise ConfigError(f"config.da.{name} must be >= 0, got {out[name]}")
   for name in ("tc_threshold", "cliv_threshold", "rampup_fraction", "disc_dropout"):

@@ -99,7 +99,8 @@ class Tool:
     self.settings = tuple(zip(temps, top_p, strict=True))
     self.samples = positive_int(c, "samples", 2)
     self.max_new = positive_int(c, "max_new_tokens", task.max_new_tokens)
-    self.gt = dict((c.get("gt") or Reader({}, "x")).to_dict() if c.get("gt") else {})
+    gt = c.get("gt")
+    self.gt = gt.to_dict() if gt is not None else {}
     self.qa_key = c.typed("qa_key", str, None)
     example = self.source[0]
     for key in list(self.gt.values()) + ([self.qa_key] if self.qa_key else []):

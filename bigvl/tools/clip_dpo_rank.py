@@ -52,7 +52,7 @@ from jax.sharding import Mesh
 
 from bigvl import parallel
 from bigvl.config import ConfigError, Reader, check_choice, positive_int
-from bigvl.data import pipeline, preferences, sources
+from bigvl.data import pipeline, preferences, sources, streams
 from bigvl.evaluators.captioning import named_objects, scene_objects
 from bigvl.tools import _common
 from bigvl.tools.clip_dpo_candidates import read_candidates
@@ -118,7 +118,7 @@ class Tool:
   # --- embedding ---------------------------------------------------------------------------
   def embed_images(self, params: Any, indices: Sequence[int]) -> np.ndarray:
     """``[len(indices), E]`` image embeddings."""
-    examples = _Indexed(self.source, indices)
+    examples = streams.IndexedSubset(self.source, indices)
     out = []
     for local, n in _common.progress(
         pipeline.eval_batches(examples, self._image_rows, self.batch_size),
@@ -249,17 +249,3 @@ def truth_table(pair_truth: dict[str, dict[str, int]]) -> str:
   for kind, v in sorted(pair_truth.items()):
     lines.append(f"| {kind} | {v['better']} | {v['tie']} | {v['worse']} |")
   return "\n".join(lines) + "\n"
-
-
-class _Indexed:
-  """The records ``indices`` of a source, with the fields an ``image_text`` row needs."""
-
-  def __init__(self, source: Any, indices: Sequence[int]):
-    self._source, self._indices = source, list(indices)
-
-  def __len__(self) -> int:
-    return len(self._indices)
-
-  def __getitem__(self, i: int) -> Any:
-    return self._source[self._indices[i]]
-
