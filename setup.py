@@ -27,6 +27,7 @@ setup(
         "absl-py>=2.0",
         "mlxtend>=0.23",
         "scikit-learn>=1.4",
+        "scipy>=1.10",  # Hungarian matching of unsupervised segmentation clusters
         "safetensors>=0.4",
         "importlib_resources",  # tfds needs it for builders defined outside tfds
     ],

@@ -142,6 +142,35 @@ def positive_int(r: Reader, name: str, default: Any = _MISSING) -> int:
   return value
 
 
+def read_knobs(r: Reader | None, defaults: dict[str, Any], where: str) -> dict[str, Any]:
+  """A method's knob section (``config.da``, ``config.cct`` ...) over ``defaults``: a key not
+  in ``defaults`` is a ConfigError listing the knobs; each value must have its default's type
+  (a float knob takes an int, a tuple/list knob a tuple or list, a dict knob a dict whose
+  keys it then may not extend). Ranges are the caller's to check."""
+  out = dict(defaults)
+  if r is None:
+    return out
+  unknown = sorted(set(r.keys()) - set(defaults))
+  if unknown:
+    raise ConfigError(f"{where}.{unknown[0]} is not a knob; knobs: {', '.join(defaults)}")
+  for name, default in defaults.items():
+    if isinstance(default, dict):
+      sub = r.get(name)
+      out[name] = dict(default) if sub is None else {
+          **default, **read_knobs(sub, default, f"{where}.{name}")}
+      continue
+    if isinstance(default, float):
+      kind: Any = (float, int)
+    elif isinstance(default, (tuple, list)):
+      kind = (tuple, list)
+    else:
+      kind = type(default)
+    value = r.typed(name, kind, default)
+    out[name] = (float(value) if isinstance(default, float) else
+                 tuple(value) if isinstance(default, (tuple, list)) else value)
+  return out
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """``'tiny,res=64'`` -> ``{'tiny': True, 'res': 64}`` over ``defaults`` (big_vision style).
 

@@ -9,7 +9,9 @@
 * ``'embedded:<name>'``: real data an installed package ships, from the registry of
   :func:`register_embedded` (filled by the modules in :data:`EMBEDDED_PROVIDERS`);
 * ``'folder:<root>'``: an image folder, one sub-directory per class (``bigvl.data.folders``:
-  Office-31, Office-Home, VisDA as distributed).
+  Office-31, Office-Home, VisDA as distributed);
+* ``'pairs:<root>'``: a segmentation dataset given as list files, ``<root>/<split>.txt`` with
+  lines ``image_path [mask_path]`` (``bigvl.data.pairs``: CCT's Pascal VOC / Cityscapes lists).
 
 The data dir is ``config.input.data_dir``, else ``$BIGVL_DATA``, else ``~/tensorflow_datasets``.
 
@@ -155,7 +157,8 @@ def _prepare_locked(builder: Any, root: str) -> None:
 
 def get_source(name: str, split: str, root: str | None = None) -> tuple[Any, Any]:
   """Returns ``(random-access source, info)``; info is the TFDS DatasetInfo (or the embedded
-  dataset's info object, with ``features`` and ``splits``)."""
+  dataset's info object, with ``features`` and ``splits``; ``folder:`` / ``pairs:``: a small
+  object with the ``features`` (and ``splits``) that code reads)."""
   if not isinstance(name, str) or not name:
     raise ConfigError(f"config.input.dataset must be a dataset name, got {name!r}")
   root = data_dir(root)
@@ -166,6 +169,11 @@ def get_source(name: str, split: str, root: str | None = None) -> tuple[Any, Any
 
     src, info = folders.load(name.split(":", 1)[1], split)
     return SkippingSource(src, name), info
+  if name.startswith("pairs:"):
+    from bigvl.data import pairs
+
+    src, info = pairs.load(name.split(":", 1)[1], split)
+    return SkippingSource(src, f"{name}:{split}"), info
   builder = tfds_builder(name, root)
   if split.split("[")[0] not in builder.info.splits:
     raise ConfigError(f"dataset {name!r} has no split {split!r}; splits: "

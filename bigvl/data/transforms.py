@@ -43,6 +43,8 @@ keep               keep only ``keys`` (+ ``optional`` ones that are present), in
 drop               remove ``keys``
 rename / copy      ``{src: dst}``: move / duplicate values
 cast               ``key`` -> numpy ``dtype`` (scalars stay numpy scalars); ``default`` if absent
+multi_hot          a list of class ids -> float32 ``[num]`` with ones at those ids (image-level
+                   labels of weakly-labelled segmentation)
 value_range        uint8 ``[0, 255]`` -> float32 ``[lo, hi]``: ``x (hi - lo) / 255 + lo``
 resize             to ``size`` (int: square, or ``(h, w)``): images bilinear (PIL), masks nearest
 random_flip        horizontal flip of every key with probability ``p`` (one draw)
@@ -375,6 +377,25 @@ class Cast:
       raise KeyError(self.key)
     value = self.dtype.type(value) if np.ndim(value) == 0 else np.asarray(value, self.dtype)
     return {**example, self.out: value}
+
+
+@register("multi_hot")
+class MultiHot:
+  """``out`` (default ``key``) = float32 ``[num]``, 1 at every id in ``example[key]`` (a list
+  or array of ints in ``0..num-1``), 0 elsewhere."""
+
+  def __init__(self, key: str, num: int, out: str | None = None):
+    if not isinstance(num, int) or num < 1:
+      raise ValueError(f"multi_hot: num must be an int >= 1, got {num!r}")
+    self.key, self.num, self.out = key, num, out or key
+
+  def __call__(self, example: Example, rng: Any) -> Example:
+    ids = np.asarray(example[self.key], np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= self.num):
+      raise ValueError(f"multi_hot: ids {ids.tolist()} outside 0..{self.num - 1}")
+    out = np.zeros(self.num, np.float32)
+    out[ids] = 1.0
+    return {**example, self.out: out}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ from jax.sharding import Mesh
 
 from bigvl import parallel, registry
 from bigvl.config import ConfigError, Reader, check_choice, positive_int
+from bigvl.config import read_knobs as read_knobs_over
 from bigvl.data import augment, pipeline, sources, streams, transforms
 from bigvl.losses import consistency as C
 from bigvl.losses import domain as D
@@ -101,15 +102,7 @@ class Discriminator(nn.Module):
 
 def read_knobs(r: Reader | None) -> dict[str, Any]:
   """``config.da`` over :data:`DEFAULTS`, type- and range-checked (one ConfigError line)."""
-  out = dict(DEFAULTS)
-  if r is not None:
-    unknown = sorted(set(r.keys()) - set(DEFAULTS))
-    if unknown:
-      raise ConfigError(f"config.da.{unknown[0]} is not a knob; knobs: {', '.join(DEFAULTS)}")
-    for name, default in DEFAULTS.items():
-      kind = type(default) if not isinstance(default, float) else (float, int)
-      value = r.typed(name, kind, default)
-      out[name] = float(value) if isinstance(default, float) else value
+  out = read_knobs_over(r, DEFAULTS, "config.da")
   for name in ("adv_weight", "tc_weight", "cliv_weight", "grl_alpha", "grl_max", "vat_eps",
                "vat_xi"):
     if out[name] < 0:
