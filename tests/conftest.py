@@ -21,6 +21,16 @@ def shapes_data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def seg_data_dir(tmp_path_factory):
+  """A data dir with ``shapes_segmentation/small`` prepared once for the whole session."""
+  root = str(tmp_path_factory.mktemp("tfds_seg"))
+  from bigvl.data import sources
+
+  sources.tfds_builder("shapes_segmentation/small", root)
+  return root
+
+
+@pytest.fixture(scope="session")
 def tiny_captioner(shapes_data_dir, tmp_path_factory):
   """``configs/lvlm_shapes.py:tiny`` trained once on ``shapes_captions/small`` (the LVLM
   family's shared checkpoint): ``(workdir, results)``. The method issues start from it."""

@@ -75,3 +75,20 @@ def grads_and_losses(run, fns, state, batch, data, steps: int = 3):
     state, aux = fns.step(state, parallel.global_batch(next(data), run.mesh))
     losses.append(float(aux["loss"]))
   return grads, losses, state
+
+
+def one_step(config, devices=None):
+  """Builds ``config``, takes one train step on its first batch: ``(run, batch, state before
+  (host), state after (host), step metrics)``."""
+  import jax
+
+  from bigvl import parallel, train
+
+  run = train.build(config, devices=devices)
+  data = run.task.train_data(run.seed)
+  batch = parallel.global_batch(next(data), run.mesh)
+  fns = train.compile_run(run, batch)
+  state = fns.init(batch)
+  before = parallel.to_host(state)  # the step donates the state
+  new, aux = fns.step(state, batch)
+  return run, batch, before, parallel.to_host(new), jax.device_get(aux)

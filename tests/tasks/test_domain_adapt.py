@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from bigvl import parallel, train
+from bigvl import train
 from bigvl.config import ConfigError, load_sibling
-from tests.helpers import REPO, run_main
+from tests.helpers import REPO, one_step, run_main
 
 
 def da_config(arg: str = "tiny", **overrides):
@@ -23,17 +23,6 @@ def da_config(arg: str = "tiny", **overrides):
                                 **overrides})
   c.evals = {}
   return c
-
-
-def one_step(config, devices=None):
-  run = train.build(config, devices=devices)
-  data = run.task.train_data(run.seed)
-  batch = parallel.global_batch(next(data), run.mesh)
-  fns = train.compile_run(run, batch)
-  state = fns.init(batch)
-  before = parallel.to_host(state)  # the step donates the state
-  new, aux = fns.step(state, batch)
-  return run, batch, before, parallel.to_host(new), jax.device_get(aux)
 
 
 def test_target_stream_carries_no_labels():
