@@ -23,6 +23,8 @@ NEEDS_TFDS_DATA = {"semisup_cifar10": "cifar10", "semisup_svhn": "svhn_cropped"}
 SHAPES = ("siglip_shapes", "clip_shapes", "fff_shapes", "lvlm_shapes", "lvlm_llava15_7b",
           "vladva_shapes", "vladva_llava15_7b", "clip_dpo_shapes")
 # CLIP-DPO's stages that read the previous stage's output: built with stub files below.
+# Segmentation: the small copy of shapes_segmentation.
+SEGMENTATION = ("cct_shapes", "arseg_shapes")
 CLIP_DPO_STAGES = [("clip_dpo_shapes", "tiny,stage=candidates"),
                    ("clip_dpo_shapes", "tiny,stage=rank"), ("clip_dpo_shapes", "tiny,stage=dpo"),
                    ("clip_dpo_llava15_7b", None)]
@@ -32,7 +34,10 @@ TINY = ([(name, "tiny") for name in SHAPES] + [("fff_shapes", "tiny,baseline")]
         + [("clip_dpo_shapes", "tiny,stage=sft"), ("clip_dpo_shapes", "tiny,stage=ranker")]
         + [("da_digits", a) for a in ("tiny", "method=source_only,tiny", "tc_cliv,tiny",
                                       "method=dann,tc_cliv,direction=mnist2uci,tiny")]
-        + [("semisup_mnist", f"{m},tiny") for m in sorted(semisup_methods.METHODS)])
+        + [("semisup_mnist", f"{m},tiny") for m in sorted(semisup_methods.METHODS)]
+        + [("cct_shapes", a) for a in ("tiny", "tiny,supervised", "tiny,aux=feature",
+                                       "tiny,aux=cutout+vat")]
+        + [("arseg_shapes", a) for a in ("tiny", "tiny,single", "tiny,objective=both")])
 EXPERIMENTS = [n for n in CONFIGS if n not in NOT_EXPERIMENTS]
 
 
@@ -68,7 +73,7 @@ def test_config_has_required_keys(name, arg):
 
 
 @pytest.mark.parametrize("name,arg", TINY, ids=[f"{n}:{a}" for n, a in TINY])
-def test_tiny_variant_builds(name, arg, shapes_data_dir, tmp_path):
+def test_tiny_variant_builds(name, arg, shapes_data_dir, seg_data_dir, tmp_path):
   """``train.build`` of the variant as shipped, on local data: a config error (an unread or
   misspelt key, a bad value, a model field that does not exist) fails here."""
   c = _get(name, arg)
@@ -77,6 +82,11 @@ def test_tiny_variant_builds(name, arg, shapes_data_dir, tmp_path):
     c.input.dataset = ("shapes_captions/cooc_small" if "cooc" in c.input.dataset
                        else "shapes_captions/small")
     c.input.data_dir = shapes_data_dir
+  elif name in SEGMENTATION:
+    assert c.input.dataset == "shapes_segmentation"
+    c.input.dataset, c.input.data_dir = "shapes_segmentation/small", seg_data_dir
+    if "num_labels" in c.input:
+      c.input.num_labels = 32
   else:
     datasets = ([c.input.source.dataset, c.input.target.dataset] if "source" in c.input
                 else [c.input.dataset])  # domain adaptation reads two domains

@@ -1,0 +1,114 @@
+"""Autoregressive unsupervised segmentation (``bigvl.tasks.ar_seg``): training reads no mask,
+the two views use distinct orderings (one ordering: the same output twice), the sharded step
+equals the 1-device step, inference runs the unmasked network, and the tiny config runs end to
+end through ``python -m bigvl.main`` with Hungarian-matched evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from bigvl import train
+from bigvl.config import ConfigError, load_sibling
+from bigvl.tasks import ar_seg
+from tests.helpers import REPO, one_step, run_main
+
+
+def ar_config(data_dir, arg="tiny", **overrides):
+  c = load_sibling(os.path.join(REPO, "configs", "x.py"), "arseg_shapes").get_config(arg)
+  c.update_from_flattened_dict({
+      "input.dataset": "shapes_segmentation/small", "input.data_dir": data_dir,
+      "input.batch_size": 8, "total_steps": 10, "model.width": 8,
+      "model.dilations": (1, 2, 1), "model.feature_dim": 8, **overrides})
+  c.evals = {}
+  return c
+
+
+def test_training_reads_no_mask_and_pairs_are_distinct_orderings(seg_data_dir):
+  run = train.build(ar_config(seg_data_dir), devices=jax.devices()[:1])
+  batch = next(run.task.train_data(0))
+  assert set(batch) == {"image"} and batch["image"].shape == (8, 32, 32, 3)
+  pairs = ar_seg.ordering_pairs(tuple(range(8)))
+  assert len(pairs) == 56 and np.all(pairs[:, 0] != pairs[:, 1])
+  assert ar_seg.ordering_pairs((3,)).tolist() == [[3, 3]]
+  params, state, _ = _init(run, batch)
+  views = jax.jit(jax.vmap(lambda r: run.task.loss(params, state, batch, r, 0)[1][0]))(
+      jax.random.split(jax.random.key(0), 40))
+  seen = set(zip(np.asarray(views["o1"]).tolist(), np.asarray(views["o2"]).tolist(),
+                 strict=True))
+  assert all(a != b for a, b in seen) and len(seen) > 20
+
+
+def _init(run, batch):
+  params, state = run.task.init(jax.random.key(0), batch)
+  return params, state, batch
+
+
+def test_single_ordering_ablation_compares_an_output_with_itself(seg_data_dir):
+  run = train.build(ar_config(seg_data_dir, "tiny,single"), devices=jax.devices()[:1])
+  batch = next(run.task.train_data(0))
+  params, state, _ = _init(run, batch)
+  loss, (m, _) = run.task.loss(params, state, batch, jax.random.key(1), 0)
+  assert int(m["o1"]) == int(m["o2"]) == 0 and np.isfinite(float(loss))
+
+
+def test_sharded_step_equals_single_device(seg_data_dir):
+  cfg = {"optim.name": "sgd", "optim.lr": 0.1}
+  _, _, _, a1, x1 = one_step(ar_config(seg_data_dir, **cfg, **{"mesh.data": 1}),
+                             jax.devices()[:1])
+  run, _, _, a8, x8 = one_step(ar_config(seg_data_dir, "tiny,objective=both", **cfg))
+  _, _, _, b1, y1 = one_step(ar_config(seg_data_dir, "tiny,objective=both", **cfg,
+                                       **{"mesh.data": 1}), jax.devices()[:1])
+  run8, _, _, c8, z8 = one_step(ar_config(seg_data_dir, **cfg))
+  assert dict(run8.mesh.shape)["data"] == 8
+  for key in ("loss", "mi"):
+    np.testing.assert_allclose(z8[key], x1[key], rtol=1e-4, atol=1e-6)
+  for key in ("loss", "mi", "infonce"):
+    np.testing.assert_allclose(x8[key], y1[key], rtol=1e-4, atol=1e-6)
+  for a, b in ((a1, c8), (b1, a8)):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=2e-3, atol=2e-5),
+                 a["params"], b["params"])
+
+
+def test_inference_runs_the_unmasked_network(seg_data_dir):
+  run = train.build(ar_config(seg_data_dir), devices=jax.devices()[:1])
+  batch = next(run.task.train_data(0))
+  params, state, _ = _init(run, batch)
+  fns = run.task.predict_fns()
+  x = run.task.normalize(batch["image"])
+  variables = {"params": params, "batch_stats": state["batch_stats"]}
+  np.testing.assert_allclose(
+      np.asarray(fns["clusters"](params, state, batch)),
+      np.asarray(run.task.model.apply(variables, x, None, train=False)["clusters"]), rtol=1e-6)
+  masked = [jax.nn.softmax(run.task.model.apply(variables, x, o, train=False)["clusters"])
+            for o in range(8)]
+  np.testing.assert_allclose(np.exp(np.asarray(fns["clusters_ensemble"](params, state, batch))),
+                             np.mean(masked, axis=0), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad,match", [({"ar.orderings": (0, 0)}, "distinct"),
+                                       ({"ar.orderings": (9,)}, "distinct ints"),
+                                       ({"ar.objective": "pixels"}, "objective"),
+                                       ({"ar.max_shift": 40}, "max_shift")])
+def test_config_errors(seg_data_dir, bad, match):
+  with pytest.raises(ConfigError, match=match):
+    train.build(ar_config(seg_data_dir, **bad), devices=jax.devices()[:1])
+
+
+@pytest.mark.slow
+def test_tiny_config_end_to_end(seg_data_dir, tmp_path):
+  res = run_main(["--config", "configs/arseg_shapes.py:tiny", "--workdir", str(tmp_path),
+                  f"--config.input.data_dir={seg_data_dir}",
+                  "--config.input.dataset=shapes_segmentation/small", "--config.total_steps=30",
+                  "--config.log_every=10", "--config.evals.test.batch_size=32",
+                  "--config.evals.test_ensemble.batch_size=32"])
+  assert res.returncode == 0, res.stderr[-3000:]
+  with open(tmp_path / "results.json") as f:
+    results = json.load(f)
+  assert 0 <= results["test/miou"] <= 1 and 1 <= results["test/num_clusters_used"] <= 5
+  assert "test_ensemble/pixel_accuracy" in results
+  assert len(os.listdir(tmp_path / "segmentation" / "test")) == 6
