@@ -6,7 +6,7 @@
   (:data:`OPTIMIZER_KNOBS`; every optimizer uses :data:`COMMON_KNOBS`).
 * ``optim.lr``: peak learning rate; ``schedule``: linear warm-up over ``warmup_steps`` (or
   ``warmup_frac`` of the run) then ``decay`` = ``cosine`` | ``linear`` | ``constant`` |
-  ``rsqrt``, down to ``lr * end_frac``.
+  ``rsqrt`` | ``poly`` (``(1 - t/T)^power``, ``power`` 0.9), down to ``lr * end_frac``.
 * ``optim.wd``: weight decay, applied to parameters whose path matches ``optim.wd_mask``
   (default: kernels/embeddings with ndim >= 2): decoupled (added to the update, then scaled
   by the lr) for adamw, lion and sgd; an L2 term of the gradient for adam.
@@ -36,13 +36,15 @@ def schedule(peak: float, total_steps: int, cfg: Reader | None) -> optax.Schedul
   if warm is None:
     warm = int(round(get("warmup_frac", 0.0) * total_steps))
   decay = check_choice("config.schedule.decay", get("decay", "cosine"),
-                       ("cosine", "linear", "constant", "rsqrt"))
+                       ("cosine", "linear", "constant", "rsqrt", "poly"))
   end = peak * get("end_frac", 0.0)
   rest = max(total_steps - warm, 1)
   if decay == "cosine":
     main = optax.cosine_decay_schedule(peak, rest, alpha=end / peak if peak else 0.0)
   elif decay == "linear":
     main = optax.linear_schedule(peak, end, rest)
+  elif decay == "poly":  # (1 - t / T)^power: DeepLab / PSPNet / CCT's "Poly" (power 0.9)
+    main = optax.polynomial_schedule(peak, end, float(get("power", 0.9)), rest)
   elif decay == "rsqrt":
     main = lambda s: peak * jax.lax.rsqrt(1.0 + s / max(warm, 1))
   else:

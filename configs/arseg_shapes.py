@@ -1,5 +1,6 @@
 """Autoregressive unsupervised segmentation (``bigvl.tasks.ar_seg``) of the synthetic
-``shapes_segmentation`` scenes: no label is read in training; the test split's masks score
+``shapes_segmentation/textures`` scenes (each class a fill pattern, colours random: only local
+texture tells the classes apart): no label is read in training; the test split's masks score
 the clusters after Hungarian matching.
 
   python -m bigvl.main --config configs/arseg_shapes.py:tiny --workdir /tmp/bigvl/arseg
@@ -28,7 +29,7 @@ def get_config(arg=None):
   c.mesh = mlc.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
   c.input = mlc.ConfigDict()
-  c.input.dataset = "shapes_segmentation"
+  c.input.dataset = "shapes_segmentation/textures"  # the classes are patterns, colour random
   c.input.data_dir = mlc.config_dict.placeholder(str)
   c.input.split = "train"
   c.input.image_size = 32
@@ -46,6 +47,8 @@ def get_config(arg=None):
   c.ar.num_clusters = 5  # = the classes (background + 4 shapes): Hungarian matching is 1-1
   c.ar.orderings = (0,) if a.single else tuple(range(8))
   c.ar.max_shift = 1
+  c.ar.color_jitter = 1.0  # each view its own colours: clusters must rest on the patterns
+  c.ar.invert = 0.5  # ... and its own light / dark (the patterns are invariant to inversion)
 
   c.optim = mlc.ConfigDict({"name": "adam", "lr": 1e-3})
   c.schedule = mlc.ConfigDict({"warmup_steps": 0, "decay": "constant"})

@@ -67,7 +67,10 @@ def get_config(arg=None):
   if a.tiny:
     c.model = mlc.ConfigDict({"name": "segmentation", "stage_sizes": (1, 1, 1),
                               "block": "basic", "width": 16, "stem": "small",
-                              "output_stride": 4, "psp_bins": (1, 2, 4), "psp_features": 64})
+                              "output_stride": 4, "psp_bins": (1, 2, 4), "psp_features": 64,
+                              # a 32-channel sub-pixel path: with 5 classes the official
+                              # decoder's (num_classes channels) limits every model here
+                              "decoder_channels": 32})
   else:
     c.model = mlc.ConfigDict({"name": "segmentation", "stage_sizes": (2, 2, 2),
                               "block": "basic", "width": 64, "stem": "small",

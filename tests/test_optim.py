@@ -64,6 +64,7 @@ PEAK, TOTAL, WARM, END = 0.1, 100, 10, 0.2
     ("linear", lambda t: PEAK + (PEAK * END - PEAK) * t),
     ("constant", lambda t: PEAK),
     ("rsqrt", lambda t: PEAK / math.sqrt(1 + t * (TOTAL - WARM) / WARM)),
+    ("poly", lambda t: PEAK * END + (PEAK - PEAK * END) * (1 - t) ** 0.9),
 ])
 def test_warmup_then_decay(decay, after_warmup):
   for how in ({"warmup_steps": WARM}, {"warmup_frac": WARM / TOTAL}):

@@ -51,3 +51,19 @@ def prepare_workdir(workdir: str, cmd: list[str], code: str) -> bool:
   with open(path, "w") as f:
     json.dump(key, f, indent=1)
   return False
+
+
+def run_config(root: str, name: str, config: str, seed: int, code: str,
+               extra: list[str] = ()) -> dict:
+  """``python -m bigvl.main --config configs/<config> --workdir <root>/<name>_seed<seed>
+  --config.seed=<seed> <extra>`` unless that exact run already finished with this code (then
+  reused): its ``results.json``."""
+  import sys
+
+  workdir = os.path.join(root, f"{name}_seed{seed}")
+  cmd = ["-m", "bigvl.main", "--config", f"configs/{config}", "--workdir", workdir,
+         f"--config.seed={seed}", *extra]
+  if not prepare_workdir(workdir, cmd, code):
+    subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)

@@ -12,14 +12,13 @@ of the same seed, and each +TC+CLIV variant's paired difference to its base meth
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
-from _runs import REPO, code_version, prepare_workdir  # bench/experiments/_runs.py
-from _table import write_lines  # bench/experiments/_table.py
+from _runs import REPO, code_version, run_config  # bench/experiments/_runs.py
+from _table import mean_std as fmt  # bench/experiments/_table.py
+from _table import paired as diff
+from _table import write_lines
 
 DIRECTIONS = [("UCI -> MNIST", "uci2mnist"), ("MNIST -> UCI", "mnist2uci")]
 METHODS = [("source only", "method=source_only"), ("DANN", "method=dann"),
@@ -28,27 +27,6 @@ METHODS = [("source only", "method=source_only"), ("DANN", "method=dann"),
            ("CDAN + CLIV", "method=cdan,cliv")]
 BASE_OF = {"DANN + TC + CLIV": "DANN", "CDAN + TC + CLIV": "CDAN", "CDAN + TC": "CDAN",
            "CDAN + CLIV": "CDAN"}
-
-
-def run(root: str, name: str, arg: str, seed: int, code: str, extra: list[str]) -> dict:
-  workdir = os.path.join(root, f"{name}_seed{seed}")
-  cmd = ["-m", "bigvl.main", "--config", f"configs/da_digits.py:{arg},tiny", "--workdir",
-         workdir, f"--config.seed={seed}", *extra]
-  if not prepare_workdir(workdir, cmd, code):
-    subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
-  with open(os.path.join(workdir, "results.json")) as f:
-    return json.load(f)
-
-
-def fmt(v: np.ndarray) -> str:
-  return f"{100 * v.mean():.1f} ± {100 * v.std(ddof=1):.1f}" if len(v) > 1 else \
-      f"{100 * v[0]:.1f}"
-
-
-def diff(a: np.ndarray, b: np.ndarray) -> str:
-  d = 100 * (a - b)
-  std = d.std(ddof=1) if len(d) > 1 else 0.0
-  return f"{d.mean():+.1f} ± {std:.1f} ({int(np.sum(d > 0))}/{len(d)})"
 
 
 def main() -> None:
@@ -64,8 +42,9 @@ def main() -> None:
   sure: dict[tuple[str, str], np.ndarray] = {}
   for _, direction in DIRECTIONS:
     for label, arg in METHODS:
-      res = [run(a.root, f"{direction}_{arg.replace('=', '-').replace(',', '_')}",
-                 f"{arg},direction={direction}", s, code, a.extra) for s in a.seeds]
+      res = [run_config(a.root, f"{direction}_{arg.replace('=', '-').replace(',', '_')}",
+                        f"da_digits.py:{arg},direction={direction},tiny", s, code, a.extra)
+             for s in a.seeds]
       acc[direction, label] = np.array([r["target/accuracy"] for r in res])
       src[direction, label] = np.array([r["source/accuracy"] for r in res])
       sure[direction, label] = np.array([[r["target/confident_fraction"],

@@ -45,9 +45,13 @@ rename / copy      ``{src: dst}``: move / duplicate values
 cast               ``key`` -> numpy ``dtype`` (scalars stay numpy scalars); ``default`` if absent
 multi_hot          a list of class ids -> float32 ``[num]`` with ones at those ids (image-level
                    labels of weakly-labelled segmentation)
+classes_present    a label map -> float32 ``[num_classes - 1]``: which object classes (ids
+                   1..) it shows (image-level labels derived from masks)
 value_range        uint8 ``[0, 255]`` -> float32 ``[lo, hi]``: ``x (hi - lo) / 255 + lo``
 resize             to ``size`` (int: square, or ``(h, w)``): images bilinear (PIL), masks nearest
 random_flip        horizontal flip of every key with probability ``p`` (one draw)
+random_scale_crop  longer side to ``base_size * s``, ``s ~ U(scale)``, pad to ``crop`` (masks
+                   with ``mask_fill``), one random ``crop x crop`` window (segmentation training)
 random_translate   one integer shift ``(dy, dx)`` (``augment.random_shift``) of every key,
                    reflect-filled (masks too: a reflected pixel keeps its own label)
 weak               ``random_flip`` (if ``flip``) then ``random_translate``: FixMatch's weak
@@ -398,6 +402,26 @@ class MultiHot:
     return {**example, self.out: out}
 
 
+@register("classes_present")
+class ClassesPresent:
+  """``out`` = float32 ``[num_classes - 1]``, entry ``c - 1`` is 1 when object class ``c >= 1``
+  occurs in the label map ``example[key]`` (background 0 and ``ignore_label`` are not
+  classes): the image-level labels of a segmentation mask."""
+
+  def __init__(self, num_classes: int, key: str = "mask", out: str = "weak",
+               ignore_label: int = 255):
+    if not isinstance(num_classes, int) or num_classes < 2:
+      raise ValueError(f"classes_present: num_classes must be an int >= 2, got {num_classes!r}")
+    self.num, self.key, self.out, self.ignore = num_classes, key, out, int(ignore_label)
+
+  def __call__(self, example: Example, rng: Any) -> Example:
+    ids = np.unique(np.asarray(example[self.key]))
+    ids = ids[(ids > 0) & (ids != self.ignore) & (ids < self.num)].astype(np.int64)
+    out = np.zeros(self.num - 1, np.float32)
+    out[ids - 1] = 1.0
+    return {**example, self.out: out}
+
+
 # ---------------------------------------------------------------------------------------------
 # Image values and geometry.
 # ---------------------------------------------------------------------------------------------
@@ -509,6 +533,48 @@ class RandomFlip(_Spatial):
     if not rng.random() < self.p:
       return example
     return {**example, **{k: np.asarray(example[k])[:, ::-1].copy() for k in self.keys}}
+
+
+@register("random_scale_crop")
+class RandomScaleCrop(_Spatial):
+  """The segmentation training crop of DeepLab / PSPNet / CCT: the longer side is resized to
+  ``round(base_size * s)``, ``s ~ U(scale[0], scale[1])`` (aspect kept; images bilinear, masks
+  nearest), then every key is padded at the bottom and right to at least ``crop x crop``
+  (images with ``fill``, masks with ``mask_fill``: padding is not scored) and one random
+  ``crop x crop`` window is cut from all keys. Draws: ``s``, then the window's ``y``, ``x``."""
+
+  def __init__(self, crop: int, base_size: int, scale: Sequence[float] = (0.5, 2.0),
+               keys: str | Sequence[str] = ("image",),
+               masks: str | Sequence[str] | None = None, fill: int = 0, mask_fill: int = 255):
+    super().__init__(keys, masks)
+    if not (isinstance(crop, int) and crop > 0 and isinstance(base_size, int)
+            and base_size > 0):
+      raise ValueError(f"random_scale_crop needs positive int crop and base_size, got "
+                       f"{crop!r}, {base_size!r}")
+    lo, hi = (float(v) for v in scale)
+    if not 0 < lo <= hi:
+      raise ValueError(f"random_scale_crop scale must be 0 < lo <= hi, got {scale!r}")
+    self.crop, self.base_size, self.scale = crop, base_size, (lo, hi)
+    self.fill, self.mask_fill = int(fill), int(mask_fill)
+
+  def __call__(self, example: Example, rng: np.random.Generator) -> Example:
+    h, w = self._size(example)
+    long = round(self.base_size * rng.uniform(*self.scale))
+    nh, nw = max(1, round(h * long / max(h, w))), max(1, round(w * long / max(h, w)))
+    ph, pw = max(nh, self.crop), max(nw, self.crop)
+    y0 = int(rng.integers(0, ph - self.crop + 1))
+    x0 = int(rng.integers(0, pw - self.crop + 1))
+    out = dict(example)
+    for k in self.keys:
+      x = np.asarray(example[k])
+      if k in self.masks:
+        x = x[_nearest_index(h, nh)[:, None], _nearest_index(w, nw)[None, :]]
+      else:
+        x = _resize_image(x, nh, nw)
+      pad = [(0, ph - nh), (0, pw - nw)] + [(0, 0)] * (x.ndim - 2)
+      x = np.pad(x, pad, constant_values=self.mask_fill if k in self.masks else self.fill)
+      out[k] = x[y0:y0 + self.crop, x0:x0 + self.crop]
+    return out
 
 
 @register("random_translate")

@@ -169,6 +169,29 @@ def scores(confusion: np.ndarray, class_names: Sequence[str] | None = None
 
 
 # --- overlays -------------------------------------------------------------------------------
+def kmeans_centres(x: np.ndarray, k: int, seed: int, iters: int = 50) -> np.ndarray:
+  """``[k, D]`` centres of Lloyd's k-means on ``x [N, D]`` with k-means++ seeding (Arthur &
+  Vassilvitskii 2007) from ``seed``: the pixel-colour clustering baseline of unsupervised
+  segmentation (assign each pixel to its nearest centre, then score like any clustering:
+  :func:`confusion_matrix` -> :func:`hungarian_assignment` -> :func:`remap_confusion`)."""
+  x = np.asarray(x, np.float64)
+  rng = np.random.default_rng(seed)
+  centres = x[rng.choice(len(x), 1)]
+  for _ in range(k - 1):
+    d = ((x[:, None] - centres[None]) ** 2).sum(-1).min(1)
+    centres = np.concatenate([centres, x[rng.choice(len(x), 1, p=d / d.sum())]])
+  for _ in range(iters):
+    assign = nearest_centre(x, centres)
+    centres = np.stack([x[assign == j].mean(0) if np.any(assign == j) else centres[j]
+                        for j in range(k)])
+  return centres
+
+
+def nearest_centre(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
+  """``[N]`` the index of each row of ``x`` 's nearest centre (squared Euclidean)."""
+  return np.argmin(((np.asarray(x, np.float64)[:, None] - centres[None]) ** 2).sum(-1), axis=1)
+
+
 def palette(n: int) -> np.ndarray:
   """uint8 ``[n, 3]``: the colour of label ``c`` is the PASCAL VOC colour map's entry ``c + 1``
   (bits of ``c + 1`` spread over R, G, B from the high bits down), so every label has its

@@ -202,10 +202,15 @@ def icnr_init(r: int = 2) -> Any:
 
 
 class UpsamplingDecoder(nn.Module):
-  """CCT's decoder (module docstring): ``z -> logits [B, h s, w s, num_classes]``."""
+  """CCT's decoder (module docstring): ``z -> logits [B, h s, w s, num_classes]``.
+
+  ``channels`` (default 0: ``num_classes``, the official decoder) widens the sub-pixel path:
+  the 1x1 projection and the pixel-shuffle convs use ``channels``, and a last 1x1 conv maps to
+  the classes (after a ReLU), so a few classes do not bottleneck the upsampling."""
 
   num_classes: int
   upscale: int = 8
+  channels: int = 0
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -213,12 +218,15 @@ class UpsamplingDecoder(nn.Module):
     steps = int(round(math.log2(self.upscale)))
     if 2**steps != self.upscale:
       raise ValueError(f"upscale must be a power of 2, got {self.upscale}")
-    x = _conv(self.num_classes, 1, self.dtype, "proj")(z)
+    width = self.channels or self.num_classes
+    x = _conv(width, 1, self.dtype, "proj")(z)
     for i in range(steps):
       x = nn.relu(x)
-      x = _conv(4 * self.num_classes, 1, self.dtype, f"shuffle{i}", use_bias=True,
+      x = _conv(4 * width, 1, self.dtype, f"shuffle{i}", use_bias=True,
                 kernel_init=icnr_init(2))(x)
       x = pixel_shuffle(x, 2)
+    if width != self.num_classes:
+      x = _conv(self.num_classes, 1, self.dtype, "classify", use_bias=True)(nn.relu(x))
     return x.astype(jnp.float32)
 
 
@@ -234,6 +242,7 @@ class SegmentationNet(nn.Module):
   output_stride: int = 8
   psp_bins: tuple[int, ...] = (1, 2, 3, 6)
   psp_features: int = 512
+  decoder_channels: int = 0
   bn_momentum: float = 0.9
   dtype: Dtype = jnp.float32
 
@@ -241,9 +250,11 @@ class SegmentationNet(nn.Module):
     self.encoder = Encoder(self.stage_sizes, self.block, self.width, self.stem,
                            self.output_stride, self.psp_bins, self.psp_features,
                            self.bn_momentum, self.dtype)
-    self.main = UpsamplingDecoder(self.num_classes, self.output_stride, self.dtype)
-    self.aux = [UpsamplingDecoder(self.num_classes, self.output_stride, self.dtype,
-                                  name=f"aux{k}") for k in range(self.num_aux)]
+    self.main = UpsamplingDecoder(self.num_classes, self.output_stride,
+                                  self.decoder_channels, self.dtype)
+    self.aux = [UpsamplingDecoder(self.num_classes, self.output_stride,
+                                  self.decoder_channels, self.dtype, name=f"aux{k}")
+                for k in range(self.num_aux)]
 
   def encode(self, x: jax.Array, train: bool) -> jax.Array:
     return self.encoder(x, train)
@@ -265,8 +276,8 @@ class SegmentationNet(nn.Module):
 def from_config(cfg, num_classes: int, num_aux: int = 0) -> SegmentationNet:
   """``config.model`` (``name='segmentation'``): ``stage_sizes``, ``block``
   (``basic`` | ``bottleneck``), ``width``, ``stem`` (``imagenet`` | ``small``),
-  ``output_stride`` (a power of 2), ``psp_bins``, ``psp_features``, ``bn_momentum``,
-  ``dtype``; an unset key keeps :class:`SegmentationNet`'s default (CCT's PSP-ResNet-50)."""
+  ``output_stride`` (a power of 2), ``psp_bins``, ``psp_features``, ``decoder_channels``
+  (0: the official decoders' ``num_classes``), ``bn_momentum``, ``dtype``; an unset key keeps :class:`SegmentationNet`'s default (CCT's PSP-ResNet-50)."""
   from bigvl.config import ConfigError, check_choice, positive_int
   from bigvl.models import dtypes
 
@@ -289,5 +300,6 @@ def from_config(cfg, num_classes: int, num_aux: int = 0) -> SegmentationNet:
       block=check_choice(f"{cfg.path}.block", cfg.typed("block", str, m.block), BLOCKS),
       width=positive_int(cfg, "width", m.width), stem=stem, output_stride=os_, psp_bins=bins,
       psp_features=positive_int(cfg, "psp_features", m.psp_features),
+      decoder_channels=cfg.typed("decoder_channels", int, m.decoder_channels),
       bn_momentum=float(cfg.typed("bn_momentum", float, m.bn_momentum)),
       dtype=dtypes.from_config(cfg, m.dtype))

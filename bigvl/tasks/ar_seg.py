@@ -16,7 +16,10 @@ maximises the mutual information between them. No label is ever read::
 P_j)``; InfoNCE with the other ordering's features at the same location and its neighbours as
 positives.) ``ar.objective``: ``'clustering'`` (AC), ``'representation'`` (ARL) or ``'both'``
 (their sum, ``ar.representation_weight`` on ARL). The pair ``(o1, o2)`` is drawn uniformly per
-step from the distinct pairs of ``ar.orderings`` (all 8 by default); with a single ordering
+step from the distinct pairs of ``ar.orderings`` (all 8 by default); ``ar.color_jitter > 0``
+gives each view its own photometric jitter (:func:`photometric_jitter`, as IIC's views: the
+clusters cannot rest on colour alone; ``ar.invert``: the probability that a view is also
+inverted, so that not even the darker / lighter split is shared); with a single ordering
 both views are the same network output (``o1 = o2``): the *no cross-ordering MI* ablation,
 where only the displacement window relates the two sides.
 
@@ -57,6 +60,7 @@ OBJECTIVES = ("clustering", "representation", "both")
 DEFAULTS: dict[str, Any] = {
     "objective": "clustering", "num_clusters": 5, "orderings": tuple(range(NUM_ORDERINGS)),
     "max_shift": 1, "lamb": 1.0, "temperature": 0.1, "representation_weight": 1.0,
+    "color_jitter": 0.0, "invert": 0.0,
 }
 
 
@@ -68,11 +72,44 @@ def read_ar_knobs(r: Reader | None) -> dict[str, Any]:
       isinstance(o, int) and 0 <= o < NUM_ORDERINGS for o in orderings):
     raise ConfigError(f"config.ar.orderings must be distinct ints in [0, {NUM_ORDERINGS}), "
                       f"got {orderings!r}")
+  if not 0 <= k["invert"] <= 1:
+    raise ConfigError(f"config.ar.invert must be in [0, 1], got {k['invert']}")
   if k["num_clusters"] < 2 or k["max_shift"] < 0:
     raise ConfigError("config.ar.num_clusters must be >= 2 and max_shift >= 0")
-  if k["temperature"] <= 0 or k["lamb"] < 0 or k["representation_weight"] < 0:
-    raise ConfigError("config.ar.temperature must be > 0, lamb and representation_weight >= 0")
+  if k["temperature"] <= 0 or min(k["lamb"], k["representation_weight"], k["color_jitter"]) < 0:
+    raise ConfigError("config.ar.temperature must be > 0; lamb, representation_weight and "
+                      "color_jitter >= 0")
   return k
+
+
+def photometric_jitter(x: jax.Array, rng: jax.Array, strength: float,
+                       invert: float = 0.0) -> jax.Array:
+  """IIC's kind of photometric view (Ji et al. 2019 jitter colour so that clusters cannot
+  rest on it): per image, the RGB values in ``[0, 1]`` ``x [B, H, W, 3]`` are rotated about
+  the grey axis by a hue angle ``U(-pi, pi) strength``, their saturation scaled by
+  ``U(1 - s, 1 + s)``, contrast by ``U(1 - s/2, 1 + s/2)`` and brightness shifted by
+  ``U(-s/4, s/4)`` (``s = min(strength, 1)``), clipped to ``[0, 1]``, and inverted
+  (``1 - x``) with probability ``invert`` (then the two views do not even agree on which
+  regions are darker: only the patterns remain shared). Geometry is untouched, so the two
+  views still correspond pixel by pixel."""
+  b = x.shape[0]
+  ka, ks, kc, kb, ki = jax.random.split(rng, 5)
+  s = min(strength, 1.0)
+  angle = jax.random.uniform(ka, (b,), minval=-jnp.pi, maxval=jnp.pi) * strength
+  grey = jnp.mean(x, axis=-1, keepdims=True)
+  # rotation about (1, 1, 1) / sqrt(3): Rodrigues' formula on the chroma part
+  axis = jnp.ones(3) / jnp.sqrt(3.0)
+  chroma = x - grey
+  cos, sin = (f(angle)[:, None, None, None] for f in (jnp.cos, jnp.sin))
+  chroma = chroma * cos + jnp.cross(axis, chroma) * sin
+  u = jax.random.uniform(ks, (b, 1, 1, 1), minval=1 - s, maxval=1 + s)
+  y = grey + chroma * u
+  mean = jnp.mean(y, axis=(1, 2, 3), keepdims=True)
+  c = jax.random.uniform(kc, (b, 1, 1, 1), minval=1 - s / 2, maxval=1 + s / 2)
+  shift = jax.random.uniform(kb, (b, 1, 1, 1), minval=-s / 4, maxval=s / 4)
+  y = jnp.clip((y - mean) * c + mean + shift, 0.0, 1.0)
+  flip = jax.random.bernoulli(ki, invert, (b, 1, 1, 1))
+  return jnp.where(flip, 1.0 - y, y)
 
 
 def ordering_pairs(orderings: tuple[int, ...]) -> np.ndarray:
@@ -133,8 +170,11 @@ class Task(base.Task):
                                    seed=seed, num_threads=self.num_threads)
 
   # --- pure functions -----------------------------------------------------------------------
+  def _standardize(self, x: jax.Array) -> jax.Array:
+    return (x - self.mean) / self.std
+
   def normalize(self, images: jax.Array) -> jax.Array:
-    return (images.astype(jnp.float32) / 255.0 - self.mean) / self.std
+    return self._standardize(images.astype(jnp.float32) / 255.0)
 
   def init(self, rng: jax.Array, batch: Any) -> tuple[Any, Any]:
     variables = self.model.init(rng, self.normalize(batch["image"]), 0, train=False)
@@ -142,11 +182,17 @@ class Task(base.Task):
 
   def loss(self, params, state, batch, rng, step):
     k = self.k
-    x = self.normalize(batch["image"])
-    o1, o2 = self.pairs[jax.random.randint(rng, (), 0, self.pairs.shape[0])]
+    r_pair, r1, r2 = jax.random.split(rng, 3)
+    x1 = x2 = batch["image"].astype(jnp.float32) / 255.0
+    if k["color_jitter"] > 0:
+      x1 = photometric_jitter(x1, r1, k["color_jitter"], k["invert"])
+      x2 = photometric_jitter(x2, r2, k["color_jitter"], k["invert"])
+    o1, o2 = self.pairs[jax.random.randint(r_pair, (), 0, self.pairs.shape[0])]
     variables = {"params": params, "batch_stats": state["batch_stats"]}
-    out1, upd = self.model.apply(variables, x, o1, train=True, mutable=["batch_stats"])
-    out2, _ = self.model.apply(variables, x, o2, train=True, mutable=["batch_stats"])
+    out1, upd = self.model.apply(variables, self._standardize(x1), o1, train=True,
+                                 mutable=["batch_stats"])
+    out2, _ = self.model.apply(variables, self._standardize(x2), o2, train=True,
+                               mutable=["batch_stats"])
     metrics, total = {"o1": o1, "o2": o2}, 0.0
     if k["objective"] in ("clustering", "both"):
       p1, p2 = (jax.nn.softmax(o["clusters"], axis=-1) for o in (out1, out2))

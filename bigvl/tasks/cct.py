@@ -12,6 +12,10 @@ holds better in the encoder's output than in the input, so that is where CCT per
                                                - sg(softmax(g(h(x_u)))) ||^2
     w(t) = w_max exp(-5 (1 - t / T_r)^2) for t < T_r, w_max after (``rampup_fraction`` x steps)
 
+With ``cct.confidence_threshold = tau > 0`` (the official code's ``confidence_masking``, off by
+default there, 0.5 when on) ``L_u`` averages only over the pixels whose main prediction has
+``max_c softmax >= tau`` (none: 0).
+
 ``p_k`` is decoder ``k``'s perturbation (``bigvl.models.perturbations``): I-VAT (the VAT
 direction of the main decoder, computed on the features; ``bigvl.losses.consistency``'s power
 iteration), spatial DropOut, G-Cutout, Con-Msk, Obj-Msk (these three read the main decoder's
@@ -65,7 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "unsup_weight": 30.0, "rampup_fraction": 0.1,
     "vat_xi": 1e-6, "vat_eps": 2.0, "drop_rate": 0.5, "erase": 0.4, "noise_uniform": 0.3,
     "feature_drop_low": 0.7, "feature_drop_high": 0.9,
-    "weak_weight": 0.0, "weak_threshold": 0.0,
+    "weak_weight": 0.0, "weak_threshold": 0.0, "confidence_threshold": 0.0,
 }
 
 
@@ -79,7 +83,7 @@ def read_cct_knobs(r: Reader | None) -> dict[str, Any]:
     if k[name] < 0:
       raise ConfigError(f"config.cct.{name} must be >= 0, got {k[name]}")
   for name in ("rampup_fraction", "erase", "feature_drop_low", "feature_drop_high",
-               "weak_threshold"):
+               "weak_threshold", "confidence_threshold"):
     if not 0 <= k[name] <= 1:
       raise ConfigError(f"config.cct.{name} must be in [0, 1], got {k[name]}")
   if not 0 <= k["drop_rate"] < 1:
@@ -286,6 +290,8 @@ class Task(base.Task):
       return sup, (metrics, new_state)
     z_u, main_u = z[b:], logits[b:]
     target = jax.lax.stop_gradient(jax.nn.softmax(main_u, axis=-1))
+    tau = self.k["confidence_threshold"]
+    sure = (jnp.max(target, axis=-1) >= tau).astype(jnp.float32) if tau > 0 else None
     pred = P.labels_at(jax.lax.stop_gradient(main_u), z_u.shape[1:3])
     weak = self._weak_targets(main_u, unl["weak"]) if self.weak else None
     rngs = jax.random.split(rng, len(self.aux_kinds))
@@ -293,7 +299,9 @@ class Task(base.Task):
     for i, kind in enumerate(self.aux_kinds):
       aux = self._apply(params, "decode_aux", self._perturb(kind, params, z_u, main_u, pred,
                                                              rngs[i]), i)
-      term = jnp.mean(C.mse(jax.nn.softmax(aux, axis=-1), target))
+      per_pixel = C.mse(jax.nn.softmax(aux, axis=-1), target)
+      term = jnp.mean(per_pixel) if sure is None else (
+          jnp.sum(per_pixel * sure) / jnp.maximum(jnp.sum(sure), 1.0))
       per_kind.setdefault(kind, []).append(term)
       unsup = unsup + term / len(self.aux_kinds)
       if weak is not None:
@@ -301,6 +309,8 @@ class Task(base.Task):
             self.aux_kinds)
     w = self.k["unsup_weight"] * C.sigmoid_rampup(step, self.k["rampup_fraction"] *
                                                   self.total_steps)
+    if sure is not None:
+      metrics["confident"] = jnp.mean(sure)
     metrics.update(unsup_loss=unsup, w_u=w,
                    **{f"unsup/{kind}": jnp.mean(jnp.stack(v)) for kind, v in per_kind.items()})
     total = sup + w * unsup

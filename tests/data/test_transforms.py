@@ -291,3 +291,29 @@ def test_two_tower_eval_and_config_override(word_tokenizer):
   np.testing.assert_allclose(out["image"], ex["image"] / np.float32(255), rtol=1e-6)
   with pytest.raises(ConfigError, match=r"config.input.transforms\[0\]"):
     image_text.ImageTextTransform(tok, 8, train_specs=["tokenize(8, bos=True)"])
+
+
+def test_random_scale_crop_keeps_image_and_mask_aligned_and_pads_with_ignore():
+  """Blocks of one label, the image's value 10 x label: after any scale and crop, every pixel
+  away from a block edge has image == 10 x mask; padding is mask_fill in the mask, fill in the
+  image; the output is crop x crop; the scale range is respected."""
+  labels = np.repeat(np.repeat(np.arange(12).reshape(3, 4), 8, 0), 8, 1).astype(np.uint8)
+  image = np.repeat((labels * 10)[..., None], 3, axis=-1).astype(np.uint8)  # 24 x 32
+  t = transforms.build(["random_scale_crop(40, base_size=32, scale=(0.5, 2.0), "
+                        "keys=('image', 'mask'))"])
+  padded = 0
+  for seed in range(20):
+    out = t({"image": image, "mask": labels}, np.random.default_rng(seed))
+    img, m = out["image"], out["mask"]
+    assert img.shape == (40, 40, 3) and m.shape == (40, 40)
+    pad = m == 255
+    padded += pad.any()
+    assert (img[pad] == 0).all()
+    mm = np.pad(m.astype(int), 1, mode="edge")
+    uniform = np.all([mm[1 + dy:41 + dy, 1 + dx:41 + dx] == m for dy in (-1, 0, 1)
+                      for dx in (-1, 0, 1)], axis=0) & ~pad
+    assert uniform.sum() > 100
+    np.testing.assert_array_equal(img[uniform][:, 0], m[uniform].astype(int) * 10)
+  assert padded >= 5  # small scales need padding to reach the crop
+  with pytest.raises(ConfigError):
+    transforms.build(["random_scale_crop(0, base_size=32)"])

@@ -44,7 +44,11 @@ Features:
   distinct).
 
 Builder configs: ``default`` (32 x 32, 4000 train, 500 validation, 500 test images) and
-``small`` (32 x 32, 256 / 64 / 64, for tests). The splits use different random streams
+``small`` (32 x 32, 256 / 64 / 64, for tests); ``textures`` (4000 / 500 / 500) and
+``textures_small`` (256 / 64 / 64): the unsupervised benchmark (:func:`sample_texture_scene`):
+the same shapes, larger (radius 0.2-0.32), but every region filled with its class's pattern in
+two colours of any hue, so colour carries no class information and only local texture does
+(k-means on pixel colours is near chance there). The splits use different random streams
 (``np.random.default_rng([seed, split_index])``). Every train image carries its mask; a
 semi-supervised task picks its labeled part itself, by TFDS split slicing (a labeled source
 ``'train[:5%]'``) or by the task's ``input.num_labels``, and treats the rest as unlabeled.
@@ -88,6 +92,13 @@ _CORE = {"circle": 1.0, "square": _SQUARE_HALF_SIDE, "triangle": 0.5,
          "star": _STAR_INNER * math.cos(math.pi / 5)}
 
 
+#: ``appearance='texture'``: each class's fill pattern (colours carry no class information).
+CLASS_TEXTURES = {"background": "noise", "circle": "stripes", "square": "checker",
+                  "triangle": "flat", "star": "dots"}
+#: the larger objects of the ``textures`` configs (their patterns need room to show).
+TEXTURE_RADIUS = (0.2, 0.32)
+
+
 @dataclasses.dataclass
 class SegConfig(tfds.core.BuilderConfig):
   image_size: int = 32
@@ -95,6 +106,7 @@ class SegConfig(tfds.core.BuilderConfig):
   num_val: int = 500
   num_test: int = 500
   seed: int = 0
+  appearance: str = "hue"  # 'hue' (module docstring) or 'texture' (the classes are textures)
 
 
 def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
@@ -127,6 +139,52 @@ def _fits(shape: str, x: float, y: float, r: float, below: list[dict]) -> bool:
   inscribed circle uncovered."""
   return all(math.hypot(x - o["x"], y - o["y"]) >= _EXTENT[shape] * r
              + 0.5 * _CORE[o["shape"]] * o["r"] for o in below)
+
+
+def _any_color(rng: np.random.Generator) -> tuple[float, float, float]:
+  return _hsv(rng.random(), 0.2 + 0.8 * rng.random(), 0.25 + 0.75 * rng.random())
+
+
+def _fill(kind: str, rng: np.random.Generator) -> dict:
+  """A ``textures``-config fill: ``kind`` with two colours of any hue (the same distribution
+  for every class) and its pattern's waves."""
+  return {"kind": kind, "colors": (_any_color(rng), _any_color(rng)),
+          "stripes": _wave(rng, 8.0, 11.0), "sharpness": 3.0, "checker": _wave(rng, 4.5, 6.0),
+          "dots": _wave(rng, 7.0, 9.0), "noise": [_wave(rng, 2.0, 4.0) for _ in range(4)]}
+
+
+def _quiet_fill(rng: np.random.Generator) -> dict:
+  """The ``textures`` background: smooth noise between a colour of any hue and a slightly
+  different one (value +-0.15), so its low-frequency blotches are weaker than any object's
+  pattern."""
+  fill = _fill("noise", rng)
+  h, s, v = colorsys.rgb_to_hsv(*(c / 255.0 for c in fill["colors"][0]))
+  fill["colors"] = (fill["colors"][0], _hsv(h, s, float(np.clip(v + rng.uniform(-.15, .15),
+                                                                 0, 1))))
+  return fill
+
+
+def sample_texture_scene(rng: np.random.Generator) -> dict:
+  """A ``textures``-config scene: as :func:`sample_scene` but every region (the background and
+  each object) is filled with its class's pattern (:data:`CLASS_TEXTURES`: background weak smooth
+  colour noise (:func:`_quiet_fill`), circle fine stripes, square a checkerboard, triangle flat, star a grid of
+  dots) in two colours of any hue, and the radii are :data:`TEXTURE_RADIUS`. Colour says
+  nothing about the class; the local pattern says everything: the unsupervised benchmark."""
+  scene = {"background": _quiet_fill(rng), "objects": []}
+  n = int(rng.integers(1, MAX_OBJECTS + 1))
+  for k in rng.permutation(len(SHAPES))[:n]:
+    shape = SHAPES[int(k)]
+    for _ in range(100):
+      r = float(rng.uniform(*TEXTURE_RADIUS))
+      x, y = (float(v) for v in rng.uniform(0.6 * r, 1 - 0.6 * r, size=2))
+      if _fits(shape, x, y, r, scene["objects"]):
+        break
+    else:
+      continue
+    scene["objects"].append({"shape": shape, "x": x, "y": y, "r": r,
+                             "angle": float(rng.uniform(0, 2 * math.pi)),
+                             "fill": _fill(CLASS_TEXTURES[shape], rng)})
+  return scene
 
 
 def sample_scene(rng: np.random.Generator) -> dict:
@@ -177,6 +235,12 @@ def _background(bg: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     w = bg["checker"]
     across = {**w, "angle": w["angle"] + math.pi / 2}
     t = (np.sin(_plane(w, x, y)) * np.sin(_plane(across, x, y)) > 0).astype(np.float64)
+  elif bg["kind"] == "dots":
+    w = bg["dots"]
+    across = {**w, "angle": w["angle"] + math.pi / 2}
+    t = (np.cos(_plane(w, x, y)) * np.cos(_plane(across, x, y)) > 0.25).astype(np.float64)
+  elif bg["kind"] == "flat":
+    t = np.zeros(np.shape(x))
   elif bg["kind"] == "noise":
     field = sum(np.sin(_plane(w, x, y)) for w in bg["noise"]) / math.sqrt(len(bg["noise"]))
     t = 0.5 + 0.5 * np.tanh(1.5 * field)
@@ -236,9 +300,12 @@ def render_scene(scene: dict, size: int, supersample: int = 5) -> tuple[np.ndarr
   labels = np.zeros((n, n), np.uint8)
   for obj in scene["objects"]:
     m = _inside(obj, x, y)
-    tex = obj["texture"]
-    shade = 1.0 + tex["amp"] * np.sin(_plane(tex, x[m], y[m]))
-    image[m] = shade[:, None] * np.asarray(obj["color"], np.float64)
+    if "fill" in obj:  # the textures configs
+      image[m] = _background(obj["fill"], x[m], y[m])
+    else:
+      tex = obj["texture"]
+      shade = 1.0 + tex["amp"] * np.sin(_plane(tex, x[m], y[m]))
+      image[m] = shade[:, None] * np.asarray(obj["color"], np.float64)
     labels[m] = CLASS_NAMES.index(obj["shape"])
   image = image.reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))
   image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
@@ -262,6 +329,10 @@ class ShapesSegmentation(tfds.core.GeneratorBasedBuilder):
       SegConfig(name="default", description="4000 / 500 / 500 images of 32 x 32"),
       SegConfig(name="small", description="a small copy for tests", num_train=256, num_val=64,
                 num_test=64),
+      SegConfig(name="textures", description="classes are fill patterns, colours random "
+                "(unsupervised segmentation)", appearance="texture"),
+      SegConfig(name="textures_small", description="a small textures copy for tests",
+                num_train=256, num_val=64, num_test=64, appearance="texture"),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -289,7 +360,8 @@ class ShapesSegmentation(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     rng = np.random.default_rng([cfg.seed, split_index])
     for i in range(n):
-      image, mask = render_scene(sample_scene(rng), cfg.image_size)
+      scene = sample_texture_scene(rng) if cfg.appearance == "texture" else sample_scene(rng)
+      image, mask = render_scene(scene, cfg.image_size)
       labels = visible_labels(mask)
       yield i, {"image": image, "mask": mask[..., None], "labels": labels,
                 "num_objects": np.int32(len(labels))}
