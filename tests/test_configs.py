@@ -47,7 +47,7 @@ def _get(name, arg):
 
 def test_every_config_is_covered():
   """A new config gets a tiny build below, or is named in one of the explicit lists."""
-  built = {name for name, _ in TINY + CLIP_DPO_STAGES} | {"da_benchmarks"}
+  built = {name for name, _ in TINY + CLIP_DPO_STAGES} | {"da_benchmarks", "cct_benchmarks"}
   assert set(CONFIGS) == built | set(NEEDS_TFDS_DATA) | set(NOT_EXPERIMENTS)
   assert set(semisup_methods.METHODS) >= {"supervised", "fixmatch", "mean_teacher", "vat"}
 
@@ -83,8 +83,10 @@ def test_tiny_variant_builds(name, arg, shapes_data_dir, seg_data_dir, tmp_path)
                        else "shapes_captions/small")
     c.input.data_dir = shapes_data_dir
   elif name in SEGMENTATION:
-    assert c.input.dataset == "shapes_segmentation"
-    c.input.dataset, c.input.data_dir = "shapes_segmentation/small", seg_data_dir
+    assert c.input.dataset in ("shapes_segmentation", "shapes_segmentation/textures")
+    c.input.dataset = ("shapes_segmentation/textures_small" if "textures" in c.input.dataset
+                       else "shapes_segmentation/small")
+    c.input.data_dir = seg_data_dir
     if "num_labels" in c.input:
       c.input.num_labels = 32
   else:
@@ -111,6 +113,34 @@ def test_da_benchmarks_say_their_data_is_missing(name, tmp_path):
   c.input.data_dir = str(tmp_path)
   with pytest.raises(ConfigError, match="does not exist|not prepared"):
     train.build(c)
+
+
+@pytest.mark.parametrize("arg", ["benchmark=voc", "benchmark=voc,weak", "benchmark=cityscapes",
+                                 "benchmark=cocostuff,supervised", "benchmark=potsdam"])
+def test_cct_benchmarks_say_their_lists_are_missing(arg, tmp_path):
+  """The real segmentation benchmarks build up to their list files and name the missing one;
+  with a stub list (one labeled image) the VOC config builds, 30 decoders and all."""
+  import jax
+
+  c = _get("cct_benchmarks", f"{arg},root={tmp_path}")  # the official 10 + 10 crops: 1 device
+  with pytest.raises(ConfigError, match="no list file|not found|does not exist|missing"):
+    train.build(c, devices=jax.devices()[:1])
+
+
+def test_cct_voc_config_builds_with_its_lists(tmp_path):
+  import numpy as np
+  from PIL import Image
+
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.jpg")
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+  for split in ("1464_train_supervised", "val"):
+    (tmp_path / f"{split}.txt").write_text("/a.jpg /a.png\n")
+  (tmp_path / "1464_train_unsupervised.txt").write_text("/a.jpg\n")
+  import jax
+
+  run = train.build(_get("cct_benchmarks", f"benchmark=voc,root={tmp_path}"),
+                    devices=jax.devices()[:1])
+  assert len(run.task.aux_kinds) == 30 and run.task.num_classes == 21
 
 
 @pytest.mark.parametrize("name", sorted(NEEDS_TFDS_DATA))

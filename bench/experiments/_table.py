@@ -35,3 +35,9 @@ def paired(a, b, scale: float = 100.0, digits: int = 1) -> str:
   d = scale * (np.asarray(a, np.float64) - np.asarray(b, np.float64))
   std = d.std(ddof=1) if len(d) > 1 else 0.0
   return f"{d.mean():+.{digits}f} ± {std:.{digits}f} ({int(np.sum(d > 0))}/{len(d)})"
+
+
+def class_cells(results: list[dict], classes, prefix: str = "test/iou/") -> str:
+  """``| a | b | ...`` cells: each class's IoU in %, averaged over the runs' ``results``."""
+  return " | ".join(f"{100 * np.mean([r.get(prefix + c, 0.0) for r in results]):.1f}"
+                    for c in classes)

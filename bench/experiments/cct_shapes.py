@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 from _runs import REPO, code_version, run_config  # bench/experiments/_runs.py
-from _table import mean_std, paired, write_lines  # bench/experiments/_table.py
+from _table import class_cells, mean_std, paired, write_lines  # bench/experiments/
 
 ARMS = [("supervised only", "supervised"),
         ("CCT, all 7 perturbations", "aux=all"),
@@ -55,19 +55,19 @@ def main() -> None:
            "`configs/cct_shapes.py:tiny,<arm>`: 200 of the 4,000 train images labeled (5%, "
            "drawn by the seed), the other 3,800 unlabeled; a dilated ResNet (3 basic blocks, "
            "width 16, output stride 4) + PSP (bins 1, 2, 4) and pixel-shuffle decoders (32 "
-           "channels) at 32x32; 1,500 steps of 16 labeled (+ 16 unlabeled) images; one auxiliary decoder "
-           "per chosen perturbation; unsupervised weight 30 ramped over the first 10%. "
+           "channels) at 32x32; 1,500 steps of 16 labeled (+ 16 unlabeled) images; one "
+           "auxiliary decoder per chosen perturbation; unsupervised weight 30 ramped over the "
+           "first 10%. "
            "Test split: 500 images, mIoU and pixel accuracy in %, mean ± std over seeds.", "",
            "| arm | mIoU | pixel acc. | mIoU - supervised | " +
            " | ".join(f"IoU {c}" for c in CLASSES) + " |",
            "|---|---:|---:|---:|" + "---:|" * len(CLASSES)]
   for label, _ in arms:
-    iou = [np.mean([r.get(f"test/iou/{c}", 0.0) for r in res[label]]) for c in CLASSES]
     gap = "" if label == base or base not in get else paired(get[label]["miou"],
                                                              get[base]["miou"])
     lines.append(f"| {label} | {mean_std(get[label]['miou'])} | "
                  f"{mean_std(get[label]['pixel_accuracy'])} | {gap} | " +
-                 " | ".join(f"{100 * v:.1f}" for v in iou) + " |")
+                 class_cells(res[label], CLASSES) + " |")
   lines += ["", "Paired differences: mean ± std of (arm - supervised) over seeds, in brackets "
             "the seeds where the arm is ahead."]
   write_lines(lines, a.out)

@@ -112,3 +112,24 @@ def test_tiny_config_end_to_end(seg_data_dir, tmp_path):
   assert 0 <= results["test/miou"] <= 1 and 1 <= results["test/num_clusters_used"] <= 5
   assert "test_ensemble/pixel_accuracy" in results
   assert len(os.listdir(tmp_path / "segmentation" / "test")) == 6
+
+
+def test_photometric_jitter_is_a_per_image_colour_map():
+  """The views differ only in colour: the jitter is one function of the colour per image
+  (equal input colours -> equal output colours; geometry untouched), identity at strength 0,
+  ``1 - x`` when always inverted, and different images get different maps."""
+  rng = np.random.default_rng(0)
+  palette = rng.uniform(0, 1, (4, 6, 3)).astype(np.float32)  # 6 colours per image
+  idx = rng.integers(0, 6, (4, 10, 10))
+  x = jax.numpy.asarray(palette[np.arange(4)[:, None, None], idx])  # [4, 10, 10, 3]
+  out = np.asarray(ar_seg.photometric_jitter(x, jax.random.key(1), 1.0, 0.5))
+  for b in range(4):
+    for c in range(6):
+      sel = out[b][idx[b] == c]
+      np.testing.assert_allclose(sel, np.broadcast_to(sel[:1], sel.shape), atol=1e-6)
+  assert not np.allclose(out[0], np.asarray(x[0]), atol=1e-2)
+  np.testing.assert_allclose(np.asarray(ar_seg.photometric_jitter(x, jax.random.key(1), 0.0)),
+                             np.asarray(x), atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(ar_seg.photometric_jitter(x, jax.random.key(2), 0.0, invert=1.0)),
+      1.0 - np.asarray(x), atol=1e-6)
