@@ -25,6 +25,7 @@ Benchmarks (the list files to put under ``root``, each line ``image [mask]``):
 * ``cocostuff``: COCO-Stuff-164k with the 171 used labels remapped to 0-170, 171 classes;
 * ``potsdam``: ISPRS Potsdam tiles with RGB label images (``palette.json``), 6 classes.
 
+``tiny`` swaps in the tiny network of ``cct_shapes.py`` (a CPU check of the pipeline);
 ``supervised`` trains the baseline (labeled images only); ``weak`` adds the weak-label term
 (``bigvl.tasks.cct``) with image-level labels read from the unlabeled lines' masks
 (``classes_present``: the unlabeled list then names a mask per image, e.g. VOC's
@@ -49,7 +50,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def get_config(arg=None):
   a = parse_arg(arg, benchmark="voc", root="/data/VOC2012", supervised=False, weak=False,
-                steps=0)
+                steps=0, tiny=False)
   if a.benchmark not in BENCHMARKS:
     raise ValueError(f"benchmark={a.benchmark!r}: one of {', '.join(BENCHMARKS)}")
   classes, lab, unl, val, crop, base, eval_size = BENCHMARKS[a.benchmark]
@@ -85,6 +86,11 @@ def get_config(arg=None):
                             "block": "bottleneck", "width": 64, "stem": "imagenet",
                             "output_stride": 8, "psp_bins": (1, 2, 3, 6),
                             "psp_features": 512})
+  if a.tiny:  # the pipeline on a CPU: the tiny network, one decoder per perturbation
+    c.model = load_sibling(__file__, "cct_shapes").get_config("tiny").model
+    c.total_steps = a.steps or 200
+    if not a.supervised:
+      c.cct.aux = load_sibling(__file__, "cct_shapes").aux_counts("all", 1)
   c.optim = mlc.ConfigDict({"name": "sgd", "lr": 1e-2, "momentum": 0.9, "nesterov": False,
                             "wd": 1e-4, "lr_mults": ((r"^encoder/(stem|stage)", 0.1),)})
   c.schedule = mlc.ConfigDict({"warmup_steps": 0, "decay": "poly"})

@@ -277,7 +277,8 @@ def from_config(cfg, num_classes: int, num_aux: int = 0) -> SegmentationNet:
   """``config.model`` (``name='segmentation'``): ``stage_sizes``, ``block``
   (``basic`` | ``bottleneck``), ``width``, ``stem`` (``imagenet`` | ``small``),
   ``output_stride`` (a power of 2), ``psp_bins``, ``psp_features``, ``decoder_channels``
-  (0: the official decoders' ``num_classes``), ``bn_momentum``, ``dtype``; an unset key keeps :class:`SegmentationNet`'s default (CCT's PSP-ResNet-50)."""
+  (0: the official decoders' ``num_classes``), ``bn_momentum``, ``dtype``; an unset key
+  keeps :class:`SegmentationNet`'s default (CCT's PSP-ResNet-50)."""
   from bigvl.config import ConfigError, check_choice, positive_int
   from bigvl.models import dtypes
 

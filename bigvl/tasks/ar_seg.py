@@ -136,10 +136,7 @@ class Task(base.Task):
     self.batch_size = positive_int(inp, "batch_size")
     self.host_batch = parallel.batch_size_per_host(self.batch_size, mesh)
     self.num_threads = positive_int(inp, "num_threads", 2)
-    self.mean = np.asarray(inp.get("mean", (0.5,)), np.float32).reshape(-1)
-    self.std = np.asarray(inp.get("std", (0.5,)), np.float32).reshape(-1)
-    if np.any(self.std <= 0):
-      raise ConfigError(f"config.input.std must be > 0, got {self.std.tolist()}")
+    self.mean, self.std = base.read_mean_std(inp)
     self.source, _ = sources.get_source(self.dataset, inp.typed("split", str, "train"),
                                         self.data_dir)
     if self.k["max_shift"] >= self.image_size:

@@ -167,6 +167,17 @@ class EvalView:
                         f"{', '.join(self._task.eval_kinds) or 'none'})")
 
 
+def read_mean_std(inp: Reader, default: tuple[float, ...] = (0.5,)
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """``input.mean`` / ``input.std`` (per channel, in 0..1 units; default ``default`` each) as
+  float32 vectors: a task normalises uint8 images as ``(x / 255 - mean) / std``."""
+  mean = np.asarray(inp.get("mean", default), np.float32).reshape(-1)
+  std = np.asarray(inp.get("std", default), np.float32).reshape(-1)
+  if np.any(std <= 0):
+    raise ConfigError(f"{inp.path}.std must be > 0, got {std.tolist()}")
+  return mean, std
+
+
 def embedding_predict_fns(model: Any) -> dict[str, PredictFn]:
   """``embed_images`` (``batch['image'] -> [B, E]``) and ``embed_texts`` (``batch['tokens']
   [B, L] -> [B, E]``) of a model with those methods: what the two-tower evaluators (zero-shot,

@@ -132,10 +132,7 @@ class Task(base.Task):
     self.num_threads = positive_int(inp, "num_threads", 2)
     self.flip = inp.typed("flip", bool, True)
     self.max_translate = float(inp.typed("max_translate", (float, int), 0.125))
-    self.mean = np.asarray(inp.get("mean", (0.5,)), np.float32).reshape(-1)
-    self.std = np.asarray(inp.get("std", (0.5,)), np.float32).reshape(-1)
-    if np.any(self.std <= 0):
-      raise ConfigError(f"config.input.std must be > 0, got {self.std.tolist()}")
+    self.mean, self.std = base.read_mean_std(inp)
 
     lab_split = inp.typed("labeled_split", str, "train")
     self.train_source, _ = sources.get_source(self.dataset, lab_split, self.data_dir)

@@ -159,10 +159,7 @@ class Task(base.Task):
     self.strong = {"op": "strong", "flip": self.flip, "max_translate": self.max_translate,
                    "num_ops": positive_int(inp, "strong_num_ops", 2),
                    "ops": list(inp.get("strong_ops", tuple(augment.OPS)))}
-    self.mean = np.asarray(inp.get("mean", (0.5,)), np.float32).reshape(-1)
-    self.std = np.asarray(inp.get("std", (0.5,)), np.float32).reshape(-1)
-    if np.any(self.std <= 0):
-      raise ConfigError(f"config.input.std must be > 0, got {self.std.tolist()}")
+    self.mean, self.std = base.read_mean_std(inp)
     self.source_transform, self.target_transform = (
         transforms.build(s, where=f"{inp.path}.{n}") for s, n in
         zip(self._pipelines(), ("source", "target"), strict=True))

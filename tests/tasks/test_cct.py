@@ -49,13 +49,15 @@ def test_labeled_and_unlabeled_images_are_disjoint(seg_data_dir):
 def test_sharded_step_equals_single_device(seg_data_dir):
   """8 data shards against 1 device, every perturbation (random ones from the same keys):
   the same loss terms and the same update."""
-  cfg = {"optim.name": "sgd", "optim.lr": 0.05, "optim.wd": 0.0}
+  # xi = 1e-6 (the official finite-difference step) makes the float32 power iteration a
+  # direction of rounding noise, different under any other reduction order; 0.1 is stable
+  cfg = {"optim.name": "sgd", "optim.lr": 0.05, "optim.wd": 0.0, "cct.vat_xi": 0.1}
   _, _, _, a1, x1 = one_step(cct_config(seg_data_dir, **cfg, **{"mesh.data": 1}),
                              jax.devices()[:1])
   run, _, _, a8, x8 = one_step(cct_config(seg_data_dir, **cfg))
   assert dict(run.mesh.shape)["data"] == 8
   for key in ("loss", "sup_loss", "unsup_loss", *(f"unsup/{k}" for k in cct.P.KINDS)):
-    np.testing.assert_allclose(x8[key], x1[key], rtol=2e-4, atol=1e-7)
+    np.testing.assert_allclose(x8[key], x1[key], rtol=5e-4, atol=1e-6, err_msg=key)
   assert x1["unsup_loss"] > 0 and np.isfinite(x1["loss"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5),
                a1["params"], a8["params"])

@@ -166,10 +166,11 @@ def _quiet_fill(rng: np.random.Generator) -> dict:
 
 def sample_texture_scene(rng: np.random.Generator) -> dict:
   """A ``textures``-config scene: as :func:`sample_scene` but every region (the background and
-  each object) is filled with its class's pattern (:data:`CLASS_TEXTURES`: background weak smooth
-  colour noise (:func:`_quiet_fill`), circle fine stripes, square a checkerboard, triangle flat, star a grid of
-  dots) in two colours of any hue, and the radii are :data:`TEXTURE_RADIUS`. Colour says
-  nothing about the class; the local pattern says everything: the unsupervised benchmark."""
+  each object) is filled with its class's pattern (:data:`CLASS_TEXTURES`: background weak
+  smooth colour noise (:func:`_quiet_fill`), circle fine stripes, square a checkerboard,
+  triangle flat, star a grid of dots) in two colours of any hue, and the radii are
+  :data:`TEXTURE_RADIUS`. Colour says nothing about the class; the local pattern says
+  everything: the unsupervised benchmark."""
   scene = {"background": _quiet_fill(rng), "objects": []}
   n = int(rng.integers(1, MAX_OBJECTS + 1))
   for k in rng.permutation(len(SHAPES))[:n]:
