@@ -79,13 +79,14 @@ def test_net_outputs_logits_at_input_resolution_with_every_decoder():
                           width=8, stem="small", output_stride=4, psp_bins=(1, 2),
                           psp_features=16)
   x = jnp.zeros((2, 16, 16, 3))
-  variables = net.init(jax.random.key(0), x, train=False)
+  variables = jax.eval_shape(functools.partial(net.init, train=False), jax.random.key(0), x)
   assert {"aux0", "aux1", "aux2", "main", "encoder"} <= set(variables["params"])
-  out = net.apply(variables, x, train=False)
-  assert out.shape == (2, 16, 16, 5)
-  z = net.apply(variables, x, train=False, method="encode")
+  out = jax.eval_shape(functools.partial(net.apply, train=False), variables, x)
+  assert out.shape == (2, 16, 16, 5) and out.dtype == jnp.float32
+  z = jax.eval_shape(functools.partial(net.apply, train=False, method="encode"), variables, x)
   assert z.shape == (2, 4, 4, 16)
-  assert net.apply(variables, z, 2, method="decode_aux").shape == (2, 16, 16, 5)
+  aux = jax.eval_shape(lambda v, z: net.apply(v, z, 2, method="decode_aux"), variables, z)
+  assert aux.shape == (2, 16, 16, 5)
 
 
 @pytest.mark.parametrize("bad,match", [({"output_stride": 6}, "power of 2"),

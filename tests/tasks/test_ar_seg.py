@@ -98,7 +98,7 @@ def test_config_errors(seg_data_dir, bad, match):
 def test_tiny_config_end_to_end(seg_data_dir, tmp_path):
   res = run_main(["--config", "configs/arseg_shapes.py:tiny", "--workdir", str(tmp_path),
                   f"--config.input.data_dir={seg_data_dir}",
-                  "--config.input.dataset=shapes_segmentation/small", "--config.total_steps=30",
+                  "--config.input.dataset=shapes_segmentation/small", "--config.total_steps=10",
                   "--config.log_every=10", "--config.evals.test.batch_size=32",
                   "--config.evals.test_ensemble.batch_size=32"])
   assert res.returncode == 0, res.stderr[-3000:]
