@@ -180,9 +180,9 @@ class Task(base.Task):
         m, num_classes=self.num_classes, num_aux=len(self.aux_kinds))
 
   def _image_ops(self) -> list:
-    keys = [] if self.image_key == "image" else [{"op": "copy", "args": [{self.image_key:
+    """Copies ``input.image_key`` to ``image`` when it is another key."""
+    return [] if self.image_key == "image" else [{"op": "copy", "args": [{self.image_key:
                                                                             "image"}]}]
-    return keys
 
   def _default_transforms(self) -> tuple[list, list]:
     """Labeled: ``{'image' uint8 [S, S, C], 'mask' uint8 [S, S, 1]}`` resized (mask nearest)
