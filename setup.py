@@ -8,6 +8,7 @@ setup(
     description="One sharded JAX/Flax codebase for SigLIP/FFF, LVLM fine-tuning, CLIP-DPO, "
                 "semi-supervised, domain adaptation, segmentation and few-shot methods.",
     packages=find_packages(include=["bigvl", "bigvl.*"]),
+    package_data={"bigvl.data": ["*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",
@@ -28,6 +29,7 @@ setup(
         "mlxtend>=0.23",
         "scikit-learn>=1.4",
         "scipy>=1.10",  # Hungarian matching of unsupervised segmentation clusters
+        "ott-jax>=0.6",  # Sinkhorn of U-LFA (bigvl/tasks/lfa.py)
         "safetensors>=0.4",
         "importlib_resources",  # tfds needs it for builders defined outside tfds
     ],

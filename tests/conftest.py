@@ -31,6 +31,18 @@ def seg_data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def fewshot_data_dir(tmp_path_factory):
+  """A data dir with ``shapes_fewshot/small`` and ``shapes_fewshot/shifted_small`` prepared
+  once for the whole session."""
+  root = str(tmp_path_factory.mktemp("tfds_fewshot"))
+  from bigvl.data import sources
+
+  sources.tfds_builder("shapes_fewshot/small", root)
+  sources.tfds_builder("shapes_fewshot/shifted_small", root)
+  return root
+
+
+@pytest.fixture(scope="session")
 def tiny_captioner(shapes_data_dir, tmp_path_factory):
   """``configs/lvlm_shapes.py:tiny`` trained once on ``shapes_captions/small`` (the LVLM
   family's shared checkpoint): ``(workdir, results)``. The method issues start from it."""

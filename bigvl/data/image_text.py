@@ -80,9 +80,21 @@ class ImageTextTransform:
           image_key=image_key, text_key=text_key)
     self.train = transforms.build(train_specs, where=where, tokenizer=tokenizer)
     self._eval: dict[int, transforms.Transform] = {}
+    self._image_label: dict[str, transforms.Transform] = {}
 
   def __call__(self, example: dict, rng: np.random.Generator) -> dict:
     return self.train(example, rng)
+
+  def image_label(self, example: dict, label_key: str | None = None) -> dict:
+    """``{'image' (as in training), 'label': int32}`` of an image-label example (no captions:
+    a classification dataset for zero-shot features, ``bigvl.tools.extract_features``)."""
+    key = label_key or self.label_key or "label"
+    if key not in self._image_label:
+      self._image_label[key] = transforms.build(
+          _image_specs(self.image_size, self.image_key)
+          + [f"cast({key!r}, 'int32', out='label')", "keep(('image', 'label'))"],
+          where="eval transform")
+    return self._image_label[key](example)
 
   def eval(self, example: dict, num_captions: int) -> dict:
     if num_captions not in self._eval:

@@ -22,6 +22,55 @@ from bigvl.evaluators._split import read_eval_split
 from bigvl.tasks.base import EvalView
 
 
+def predict_split(fn: Any, params: Any, state: Any, source: Any, transform: Any,
+                  batch_size: int, mesh: Mesh, inputs: tuple[str, ...] = ("image",),
+                  carry: tuple[str, ...] = ("label",), desc: str | None = None
+                  ) -> dict[str, np.ndarray]:
+  """A jitted prediction function over every example of ``source`` (in order):
+  ``{'out': fn(params, state, batch of inputs)[:N], <carry key>: [N]}`` (``carry``: row keys
+  handed back as they are, e.g. the labels). ``fn`` may return a dict of arrays (then each of
+  its keys is returned instead of ``out``). With ``desc``, a progress bar on stderr."""
+  from bigvl.tools._common import progress
+
+  outs: dict[str, list] = {}
+  batches = pipeline.eval_batches(source, transform, batch_size)
+  if desc:
+    batches = progress(batches, -(-len(source) // batch_size), desc, unit="batch")
+  for local, n in batches:
+    batch = parallel.global_batch(local, mesh)
+    pred = fn(params, state, {k: batch[k] for k in inputs})
+    pred = pred if isinstance(pred, dict) else {"out": pred}
+    for k, v in pred.items():
+      outs.setdefault(k, []).append(np.asarray(parallel.to_host(v))[:n])
+    for k in carry:
+      if k in batch:
+        outs.setdefault(k, []).append(np.asarray(parallel.to_host(batch[k]))[:n])
+  return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def embed_tokens(fn: Any, params: Any, state: Any, tokens: np.ndarray, batch_size: int,
+                 mesh: Mesh, desc: str | None = None) -> np.ndarray:
+  """``[N, E]``: a jitted text prediction function over token rows ``[N, L]`` (host-global,
+  every host holds all rows), in whole global batches (the last padded by repeating its last
+  row); each host feeds its block of every batch."""
+  from bigvl.tools._common import progress
+
+  n = len(tokens)
+  pad = (-n) % batch_size
+  tokens = np.concatenate([tokens, np.repeat(tokens[-1:], pad, axis=0)])
+  me, hosts = jax.process_index(), jax.process_count()
+  per = batch_size // hosts
+  steps = range(0, len(tokens), batch_size)
+  if desc:
+    steps = progress(steps, len(steps), desc, unit="batch")
+  outs = []
+  for i in steps:
+    local = tokens[i:i + batch_size]
+    batch = parallel.global_batch({"tokens": local[me * per:(me + 1) * per]}, mesh)
+    outs.append(parallel.to_host(fn(params, state, batch)))
+  return np.concatenate(outs)[:n]
+
+
 class Head:
   """The first ``n`` records of a random-access source."""
 
@@ -76,14 +125,5 @@ class SplitEmbedder:
 
   def embed_texts(self, params: Any, state: Any, texts: list[str]) -> np.ndarray:
     """[len(texts), E] embeddings of free texts (padded to whole global batches)."""
-    tokens = self.task.encode_texts(texts)["tokens"]
-    pad = (-len(tokens)) % self.batch_size
-    tokens = np.concatenate([tokens, np.repeat(tokens[-1:], pad, axis=0)])
-    outs = []
-    me, hosts = jax.process_index(), jax.process_count()
-    for i in range(0, len(tokens), self.batch_size):
-      local = tokens[i:i + self.batch_size]
-      per = len(local) // hosts
-      batch = parallel.global_batch({"tokens": local[me * per:(me + 1) * per]}, self.mesh)
-      outs.append(parallel.to_host(self._txt(params, state, batch)))
-    return np.concatenate(outs)[: len(texts)]
+    return embed_tokens(self._txt, params, state, self.task.encode_texts(texts)["tokens"],
+                        self.batch_size, self.mesh)

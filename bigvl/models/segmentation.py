@@ -111,12 +111,16 @@ def stage_geometry(stem_stride: int, num_stages: int, output_stride: int
   return out
 
 
+def adaptive_bins(size: int, bins: int) -> list[tuple[int, int]]:
+  """PyTorch's adaptive pooling bins: bin ``i`` covers ``[floor(i size / bins),
+  ceil((i + 1) size / bins))``."""
+  return [((i * size) // bins, -((-(i + 1) * size) // bins)) for i in range(bins)]
+
+
 def adaptive_pool_matrix(size: int, bins: int) -> np.ndarray:
-  """``[bins, size]`` averaging weights of adaptive average pooling (PyTorch's bins: bin ``i``
-  covers ``floor(i size / bins) .. ceil((i + 1) size / bins) - 1``)."""
+  """``[bins, size]`` averaging weights of adaptive average pooling (:func:`adaptive_bins`)."""
   m = np.zeros((bins, size), np.float32)
-  for i in range(bins):
-    lo, hi = (i * size) // bins, -((-(i + 1) * size) // bins)
+  for i, (lo, hi) in enumerate(adaptive_bins(size, bins)):
     m[i, lo:hi] = 1.0 / (hi - lo)
   return m
 

@@ -251,16 +251,20 @@ class Task(base.Task):
     return params, state
 
   # --- evaluation (the declared interface, bigvl/tasks/base.py) ----------------------------
-  eval_kinds = ("image_text",)
+  eval_kinds = ("image_text", "image_label")
 
   def predict_fns(self) -> dict[str, base.PredictFn]:
     """``embed_images``: ``batch['image'] -> [B, E]``; ``embed_texts``: ``batch['tokens']
     [B, L] -> [B, E]`` (L2-normalised)."""
     return base.embedding_predict_fns(self.model)
 
-  def eval_transform(self, kind: str, num_captions: int = 1, **opts: Any) -> base.EvalTransform:
-    """``'image_text'``: ``{'image', 'tokens': [num_captions, L], 'label'?}``."""
-    if kind != "image_text" or opts:
+  def eval_transform(self, kind: str, num_captions: int = 1, label_key: str | None = None,
+                     **opts: Any) -> base.EvalTransform:
+    """``'image_text'``: ``{'image', 'tokens': [num_captions, L], 'label'?}``;
+    ``'image_label'``: ``{'image', 'label'}`` (``label_key``: default the input's)."""
+    if kind == "image_label" and not opts:
+      return lambda ex: self.transform.image_label(ex, label_key)
+    if kind != "image_text" or opts or label_key is not None:
       return super().eval_transform(kind, **opts)
     return lambda ex: self.transform.eval(ex, num_captions)
 

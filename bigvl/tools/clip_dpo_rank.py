@@ -53,6 +53,7 @@ from jax.sharding import Mesh
 from bigvl import parallel
 from bigvl.config import ConfigError, Reader, check_choice, positive_int
 from bigvl.data import pipeline, preferences, sources, streams
+from bigvl.evaluators._embedding import embed_tokens
 from bigvl.evaluators.captioning import named_objects, scene_objects
 from bigvl.tools import _common
 from bigvl.tools.clip_dpo_candidates import read_candidates
@@ -129,18 +130,8 @@ class Tool:
 
   def embed_texts(self, params: Any, texts: Sequence[str]) -> np.ndarray:
     """``[len(texts), E]`` text embeddings (padded to whole global batches)."""
-    tokens = self.task.encode_texts(list(texts))["tokens"]
-    out = []
-    hosts, me = jax.process_count(), jax.process_index()
-    steps = range(0, len(tokens), self.batch_size)
-    for i in _common.progress(steps, len(steps), "rank: texts", unit="batch"):
-      local = tokens[i:i + self.batch_size]
-      n = len(local)
-      local = np.concatenate([local, np.repeat(local[-1:], self.batch_size - n, axis=0)])
-      per = self.batch_size // hosts
-      batch = parallel.global_batch({"tokens": local[me * per:(me + 1) * per]}, self.mesh)
-      out.append(parallel.to_host(self._txt(params, None, batch))[:n])
-    return np.concatenate(out)
+    return embed_tokens(self._txt, params, None, self.task.encode_texts(list(texts))["tokens"],
+                        self.batch_size, self.mesh, desc="rank: texts")
 
   # --- scoring -----------------------------------------------------------------------------
   def score(self, params: Any, rows: list[dict]) -> tuple[list[dict], dict[int, float]]:
