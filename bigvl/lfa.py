@@ -103,8 +103,12 @@ def linear_probe(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.nd
   regression (scikit-learn, lbfgs) on L2-normalised features, ``C`` chosen as LFA chooses its
   beta: the mean held-out accuracy over ``splits`` random ``frac`` / ``1 - frac`` splits of
   the shots (ties: the stronger regularisation)."""
+  import warnings
+
   from sklearn.linear_model import LogisticRegression
 
+  # 1-shot: as many classes as samples, which scikit-learn warns about; it is the setting
+  warnings.filterwarnings("ignore", message="The number of unique classes is greater")
   x, x_test = lfa.normalize(x), lfa.normalize(x_test)
   rng = np.random.default_rng(seed)
   n = len(y)

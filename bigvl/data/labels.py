@@ -6,6 +6,8 @@ held-out splits).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
@@ -30,3 +32,29 @@ def labeled_indices(labels: np.ndarray, num_labels: int, seed: int) -> np.ndarra
       raise ValueError(f"class {c} has {len(members)} examples < {per_class} requested")
     picks.append(members[rng.permutation(len(members))[:per_class]])
   return np.sort(np.concatenate(picks)).astype(np.int64)
+
+
+def class_ids(classes: Sequence[int | str], names: Sequence[str] | None, where: str
+              ) -> np.ndarray:
+  """A config's class list (label ids, or names of the dataset's ClassLabel ``names``) as
+  sorted unique int64 ids; an unknown name or a negative id is a ``ValueError`` naming
+  ``where``."""
+  out = []
+  for c in classes:
+    if isinstance(c, str):
+      if names is None or c not in names:
+        raise ValueError(f"{where}: class {c!r} is not a class name of the dataset")
+      out.append(list(names).index(c))
+    elif isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 0:
+      out.append(int(c))
+    else:
+      raise ValueError(f"{where}: classes are label ids (ints >= 0) or names, got {c!r}")
+  if not out:
+    raise ValueError(f"{where}: the class list is empty")
+  return np.unique(np.asarray(out, np.int64))
+
+
+def class_subset(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
+  """Sorted int64 positions of ``labels`` whose class is in ``classes`` (the records a
+  few-shot split restricted to some classes reads)."""
+  return np.flatnonzero(np.isin(np.asarray(labels), classes)).astype(np.int64)

@@ -28,7 +28,9 @@ Config (``config.evals.<name>``): ``type='fewshot'``, ``every``, ``dataset`` (de
 task's), ``split`` (``'test'``), ``batch_size`` (256), ``label_key`` (``'label'``),
 ``features`` (``('global',)``), ``n_way`` (5), ``shots`` (``(1, 5)``), ``queries`` (15),
 ``episodes`` (600), ``seed`` (0), ``classifier`` (``'logistic'``), ``C`` (1.0), ``normalize``
-(True), ``disjoint_from`` (``'train'``; None: no check).
+(True), ``classes`` (the novel classes, label ids or names, when the split holds more:
+CIFAR-FS / FC100 take theirs from CIFAR-100's test split), ``disjoint_from`` (``'train'``
+without ``classes``, else None; None: no check).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from jax.sharding import Mesh
 
 from bigvl.config import ConfigError, Reader, check_choice, positive_int
 from bigvl.data import sources, streams
+from bigvl.data.labels import class_ids, class_subset
 from bigvl.evaluators._embedding import predict_split
 from bigvl.evaluators._split import read_eval_split
 from bigvl.tasks.base import EvalView
@@ -148,6 +151,18 @@ class Evaluator:
     self.C = float(cfg.typed("C", (float, int), 1.0))
     self.normalize = cfg.typed("normalize", bool, True)
     labels = streams.read_labels(self.source, self.label_key)
+    chosen = cfg.get("classes")
+    if chosen is not None:  # the novel classes of a split that holds more (CIFAR-FS, FC100)
+      try:
+        names = split.info.features[self.label_key].names if split.info is not None else None
+      except (KeyError, AttributeError):
+        names = None
+      try:
+        keep = class_subset(labels, class_ids(chosen, names, f"{cfg.path}.classes"))
+      except ValueError as e:
+        raise ConfigError(str(e)) from None
+      self.source = streams.IndexedSubset(self.source, keep)
+      labels = labels[keep]
     labels = labels[labels >= 0]  # unreadable records: -1
     need = max(self.shots) + self.queries
     have = sum(int((labels == c).sum()) >= need for c in np.unique(labels))
@@ -155,7 +170,7 @@ class Evaluator:
       raise ConfigError(f"{cfg.path}: {self.n_way}-way episodes with {max(self.shots)} shots "
                         f"and {self.queries} queries need {self.n_way} classes with >= {need} "
                         f"examples in {split.dataset}:{split.split}; it has {have}")
-    other = cfg.typed("disjoint_from", str, "train")
+    other = cfg.typed("disjoint_from", str, None if chosen is not None else "train")
     if other and other != split.split:
       check_disjoint(labels, split.dataset, other, task.data_dir, self.label_key, cfg.path)
 

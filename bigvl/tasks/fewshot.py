@@ -46,7 +46,8 @@ Prediction functions (eval kind ``'image_label'``, images resized to ``input.ima
 flattens it) and ``logits`` (base classes).
 
 Config read: ``method``, ``fewshot.*``, ``input.{dataset, data_dir, train_split ('train'),
-label_key ('label'), image_size, batch_size, num_threads, views (2), transforms (one view's op
+label_key ('label'), classes (the base classes: label ids or names; default every class of
+the split), image_size, batch_size, num_threads, views (2), transforms (one view's op
 specs), mean, std}``, ``model.*`` (``resnet12`` knobs).
 """
 
@@ -62,6 +63,7 @@ from jax.sharding import Mesh
 from bigvl import checkpoint, parallel, registry
 from bigvl.config import ConfigError, Reader, check_choice, positive_int, read_knobs
 from bigvl.data import pipeline, sources, streams, transforms
+from bigvl.data.labels import class_ids, class_subset
 from bigvl.losses import consistency as C
 from bigvl.losses import spatial_contrastive as S
 from bigvl.models import resnet12
@@ -118,9 +120,22 @@ class Task(base.Task):
     self.num_threads = positive_int(inp, "num_threads", 2)
     self.num_views = positive_int(inp, "views", 2)
     self.mean, self.std = base.read_mean_std(inp)
-    self.source, _ = sources.get_source(self.dataset, inp.typed("train_split", str, "train"),
-                                        self.data_dir)
+    self.source, info = sources.get_source(
+        self.dataset, inp.typed("train_split", str, "train"), self.data_dir)
     labels = streams.read_labels(self.source, self.label_key)
+    chosen = inp.get("classes")
+    if chosen is not None:  # base classes of a split that holds more (CIFAR-FS, FC100)
+      try:
+        names = info.features[self.label_key].names if info is not None else None
+      except (KeyError, AttributeError):
+        names = None
+      try:
+        ids = class_ids(chosen, names, f"{inp.path}.classes")
+      except ValueError as e:
+        raise ConfigError(str(e)) from None
+      keep = class_subset(labels, ids)
+      self.source = streams.IndexedSubset(self.source, keep)
+      labels = labels[keep]
     #: the base classes (dataset label ids, sorted) -> logits 0..K-1
     self.classes = np.unique(labels[labels >= 0])
     if len(self.classes) < 2:
