@@ -21,10 +21,12 @@ NEEDS_TFDS_DATA = {"semisup_cifar10": "cifar10", "semisup_svhn": "svhn_cropped"}
 # The data every other tiny variant reads: shapes_captions (the session's small copy of it;
 # the experiments' own configs of the builder differ only in size) or embedded MNIST.
 SHAPES = ("siglip_shapes", "clip_shapes", "fff_shapes", "lvlm_shapes", "lvlm_llava15_7b",
-          "vladva_shapes", "vladva_llava15_7b", "clip_dpo_shapes")
+          "vladva_shapes", "vladva_llava15_7b", "clip_dpo_shapes", "lfa_shapes")
 # CLIP-DPO's stages that read the previous stage's output: built with stub files below.
 # Segmentation: the small copy of shapes_segmentation.
 SEGMENTATION = ("cct_shapes", "arseg_shapes")
+# Few-shot: the small copy of shapes_fewshot.
+FEWSHOT = ("scl_shapes",)
 CLIP_DPO_STAGES = [("clip_dpo_shapes", "tiny,stage=candidates"),
                    ("clip_dpo_shapes", "tiny,stage=rank"), ("clip_dpo_shapes", "tiny,stage=dpo"),
                    ("clip_dpo_llava15_7b", None)]
@@ -37,7 +39,8 @@ TINY = ([(name, "tiny") for name in SHAPES] + [("fff_shapes", "tiny,baseline")]
         + [("semisup_mnist", f"{m},tiny") for m in sorted(semisup_methods.METHODS)]
         + [("cct_shapes", a) for a in ("tiny", "tiny,supervised", "tiny,aux=feature",
                                        "tiny,aux=cutout+vat")]
-        + [("arseg_shapes", a) for a in ("tiny", "tiny,single", "tiny,objective=both")])
+        + [("arseg_shapes", a) for a in ("tiny", "tiny,single", "tiny,objective=both")]
+        + [("scl_shapes", a) for a in ("tiny", "tiny,ce", "tiny,global_weight=1.0")])
 EXPERIMENTS = [n for n in CONFIGS if n not in NOT_EXPERIMENTS]
 
 
@@ -47,7 +50,8 @@ def _get(name, arg):
 
 def test_every_config_is_covered():
   """A new config gets a tiny build below, or is named in one of the explicit lists."""
-  built = {name for name, _ in TINY + CLIP_DPO_STAGES} | {"da_benchmarks", "cct_benchmarks"}
+  built = {name for name, _ in TINY + CLIP_DPO_STAGES} | {"da_benchmarks", "cct_benchmarks",
+                                                           "fewshot_benchmarks"}
   assert set(CONFIGS) == built | set(NEEDS_TFDS_DATA) | set(NOT_EXPERIMENTS)
   assert set(semisup_methods.METHODS) >= {"supervised", "fixmatch", "mean_teacher", "vat"}
 
@@ -73,7 +77,8 @@ def test_config_has_required_keys(name, arg):
 
 
 @pytest.mark.parametrize("name,arg", TINY, ids=[f"{n}:{a}" for n, a in TINY])
-def test_tiny_variant_builds(name, arg, shapes_data_dir, seg_data_dir, tmp_path):
+def test_tiny_variant_builds(name, arg, shapes_data_dir, seg_data_dir, fewshot_data_dir,
+                             tmp_path):
   """``train.build`` of the variant as shipped, on local data: a config error (an unread or
   misspelt key, a bad value, a model field that does not exist) fails here."""
   c = _get(name, arg)
@@ -89,6 +94,9 @@ def test_tiny_variant_builds(name, arg, shapes_data_dir, seg_data_dir, tmp_path)
     c.input.data_dir = seg_data_dir
     if "num_labels" in c.input:
       c.input.num_labels = 32
+  elif name in FEWSHOT:
+    assert c.input.dataset == "shapes_fewshot/small"
+    c.input.data_dir = fewshot_data_dir
   else:
     datasets = ([c.input.source.dataset, c.input.target.dataset] if "source" in c.input
                 else [c.input.dataset])  # domain adaptation reads two domains

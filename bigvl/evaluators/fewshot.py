@@ -30,7 +30,8 @@ task's), ``split`` (``'test'``), ``batch_size`` (256), ``label_key`` (``'label'`
 ``episodes`` (600), ``seed`` (0), ``classifier`` (``'logistic'``), ``C`` (1.0), ``normalize``
 (True), ``classes`` (the novel classes, label ids or names, when the split holds more:
 CIFAR-FS / FC100 take theirs from CIFAR-100's test split), ``disjoint_from`` (``'train'``
-without ``classes``, else None; None: no check).
+without ``classes``, else None; None or '': no check; classes are compared by name where
+both splits have names, e.g. image folders).
 """
 
 from __future__ import annotations
@@ -170,9 +171,16 @@ class Evaluator:
       raise ConfigError(f"{cfg.path}: {self.n_way}-way episodes with {max(self.shots)} shots "
                         f"and {self.queries} queries need {self.n_way} classes with >= {need} "
                         f"examples in {split.dataset}:{split.split}; it has {have}")
-    other = cfg.typed("disjoint_from", str, None if chosen is not None else "train")
+    if "disjoint_from" in cfg.keys():  # None or '' turn the check off
+      other = cfg.get("disjoint_from")
+      if other is not None and not isinstance(other, str):
+        raise ConfigError(f"{cfg.path}.disjoint_from must be a split name or None, got "
+                          f"{other!r}")
+    else:
+      other = None if chosen is not None else "train"
     if other and other != split.split:
-      check_disjoint(labels, split.dataset, other, task.data_dir, self.label_key, cfg.path)
+      check_disjoint(labels, split.dataset, other, task.data_dir, self.label_key, cfg.path,
+                     _names(split.info, self.label_key))
 
   def features(self, params: Any, state: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """``({feature name: [N, D]}, labels [N])`` of the whole split (maps flattened)."""
@@ -197,12 +205,28 @@ class Evaluator:
     return out
 
 
+def _names(info: Any, label_key: str) -> list[str] | None:
+  try:
+    return list(info.features[label_key].names)
+  except (AttributeError, KeyError, TypeError):
+    return None
+
+
 def check_disjoint(labels: np.ndarray, dataset: str, other_split: str, data_dir: str,
-                   label_key: str, where: str) -> None:
-  """ConfigError if ``other_split`` of ``dataset`` has any class of ``labels``."""
-  source, _ = sources.get_source(dataset, other_split, data_dir)
-  seen = set(np.unique(streams.read_labels(source, label_key)).tolist()) - {-1}
-  shared: Sequence[int] = sorted(seen & set(np.unique(labels).tolist()))
+                   label_key: str, where: str, names: Sequence[str] | None = None) -> None:
+  """ConfigError if ``other_split`` of ``dataset`` has any class of ``labels``. With class
+  names on both sides (``names``: the eval split's), classes are compared by name: image
+  folders number their classes per split, so ids of different splits are unrelated."""
+  source, info = sources.get_source(dataset, other_split, data_dir)
+  seen_ids = set(np.unique(streams.read_labels(source, label_key)).tolist()) - {-1}
+  mine_ids = set(np.unique(labels).tolist()) - {-1}
+  other_names = _names(info, label_key)
+  if names is not None and other_names is not None:
+    seen = {other_names[i] for i in seen_ids if i < len(other_names)}
+    mine = {names[i] for i in mine_ids if i < len(names)}
+  else:
+    seen, mine = seen_ids, mine_ids
+  shared: Sequence[Any] = sorted(seen & mine)
   if shared:
     raise ConfigError(f"{where}: the eval split shares {len(shared)} classes (e.g. {shared[:5]}) "
                       f"with {dataset}:{other_split}: few-shot episodes must use classes never "
