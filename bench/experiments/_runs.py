@@ -67,3 +67,21 @@ def run_config(root: str, name: str, config: str, seed: int, code: str,
     subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
   with open(os.path.join(workdir, "results.json")) as f:
     return json.load(f)
+
+
+def arm_sweep_args(name: str, arms: bool = True):
+  """The arguments of an experiment script that runs arms x seeds of one config:
+  ``--data_dir`` (required), ``--seeds`` (0 1 2), ``--arms`` (a subset of the arms' args),
+  ``--root`` (``/tmp/bigvl/<name>``), ``--out`` (``docs/results/<name>.md``), ``--extra``
+  (``--config.key=value`` for every run). Returns the parser, for more arguments."""
+  import argparse
+
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--data_dir", required=True)
+  ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  if arms:
+    ap.add_argument("--arms", nargs="*", default=None, help="a subset of the arms' args")
+  ap.add_argument("--root", default=f"/tmp/bigvl/{name}")
+  ap.add_argument("--out", default=os.path.join(REPO, f"docs/results/{name}.md"))
+  ap.add_argument("--extra", nargs="*", default=[], help="--config.key=value for every run")
+  return ap

@@ -16,11 +16,8 @@ share one protocol.
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import numpy as np
-from _runs import REPO, code_version, run_config  # bench/experiments/_runs.py
+from _runs import arm_sweep_args, code_version, run_config  # bench/experiments/_runs.py
 from _table import class_cells, mean_std, paired, write_lines  # bench/experiments/
 
 from bigvl.data import sources
@@ -58,12 +55,7 @@ def kmeans_scores(data_dir: str, seed: int) -> dict[str, float]:
 
 
 def main() -> None:
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--data_dir", required=True)
-  ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  ap.add_argument("--root", default="/tmp/bigvl/arseg_shapes")
-  ap.add_argument("--out", default=os.path.join(REPO, "docs/results/arseg_shapes.md"))
-  ap.add_argument("--extra", nargs="*", default=[], help="--config.key=value for every run")
+  ap = arm_sweep_args("arseg_shapes", arms=False)
   a = ap.parse_args()
   code = code_version()
   rows: dict[str, list[dict]] = {}

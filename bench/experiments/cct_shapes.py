@@ -13,11 +13,8 @@ so each seed's arms share their labeled images. The table gives test mIoU and pi
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import numpy as np
-from _runs import REPO, code_version, run_config  # bench/experiments/_runs.py
+from _runs import arm_sweep_args, code_version, run_config  # bench/experiments/_runs.py
 from _table import class_cells, mean_std, paired, write_lines  # bench/experiments/
 
 ARMS = [("supervised only", "supervised"),
@@ -30,13 +27,7 @@ CLASSES = ("background", "circle", "square", "triangle", "star")
 
 
 def main() -> None:
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--data_dir", required=True)
-  ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  ap.add_argument("--arms", nargs="*", default=None, help="a subset of the arms' args")
-  ap.add_argument("--root", default="/tmp/bigvl/cct_shapes")
-  ap.add_argument("--out", default=os.path.join(REPO, "docs/results/cct_shapes.md"))
-  ap.add_argument("--extra", nargs="*", default=[], help="--config.key=value for every run")
+  ap = arm_sweep_args("cct_shapes")
   a = ap.parse_args()
   code = code_version()
   arms = [arm for arm in ARMS if a.arms is None or arm[1] in a.arms]

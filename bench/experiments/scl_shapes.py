@@ -15,11 +15,8 @@ seeds) and the paired difference to the baseline.
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import numpy as np
-from _runs import REPO, code_version, run_config  # bench/experiments/_runs.py
+from _runs import arm_sweep_args, code_version, run_config  # bench/experiments/_runs.py
 from _table import mean_std, paired, write_lines  # bench/experiments/
 
 ARMS = [("CE only (baseline)", "ce"),
@@ -29,13 +26,7 @@ SHOTS = (1, 5)
 
 
 def main() -> None:
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--data_dir", required=True)
-  ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  ap.add_argument("--arms", nargs="*", default=None, help="a subset of the arms' args")
-  ap.add_argument("--root", default="/tmp/bigvl/scl_shapes")
-  ap.add_argument("--out", default=os.path.join(REPO, "docs/results/scl_shapes.md"))
-  ap.add_argument("--extra", nargs="*", default=[], help="--config.key=value for every run")
+  ap = arm_sweep_args("scl_shapes")
   a = ap.parse_args()
   code = code_version()
   arms = [arm for arm in ARMS if a.arms is None or arm[1] in a.arms]

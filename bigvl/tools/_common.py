@@ -25,6 +25,18 @@ def load_params(run: Any) -> Any:
   return train.model_params(fns.init(example))
 
 
+def embedding_fns(task: Any, tool: str) -> tuple[Any, Any]:
+  """The jitted ``embed_images`` / ``embed_texts`` prediction functions of a two-tower task,
+  or a ConfigError naming ``tool``."""
+  from bigvl.config import ConfigError
+
+  fns = task.predict_fns()
+  if "embed_images" not in fns or "embed_texts" not in fns:
+    raise ConfigError(f"tool {tool} needs a two-tower task (embed_images, embed_texts), got "
+                      f"{type(task).__module__}")
+  return jax.jit(fns["embed_images"]), jax.jit(fns["embed_texts"])
+
+
 def progress(iterable: Iterable, total: int, desc: str, unit: str = "it") -> Iterator:
   """A progress bar on stderr (process 0; tqdm), the items of ``iterable`` unchanged."""
   from tqdm import tqdm

@@ -80,10 +80,7 @@ class Tool:
   """See the module docstring."""
 
   def __init__(self, config: Reader, task: Any, mesh: Mesh):
-    fns = task.predict_fns()
-    if "embed_images" not in fns or "embed_texts" not in fns:
-      raise ConfigError(f"tool clip_dpo_rank needs a two-tower task (embed_images, "
-                        f"embed_texts), got {type(task).__module__}")
+    self._img, self._txt = _common.embedding_fns(task, "clip_dpo_rank")
     r = config.get("rank") or Reader({}, "config.rank")
     self.task, self.mesh = task, mesh
     path = r.typed("candidates", str, None)
@@ -113,8 +110,6 @@ class Tool:
                         f"describe rendered text, e.g. 'a photo of text')")
     self.source, _ = sources.get_source(self.dataset, self.split, task.data_dir)
     self._image_rows = task.eval_transform("image_text")
-    self._img = jax.jit(fns["embed_images"])
-    self._txt = jax.jit(fns["embed_texts"])
 
   # --- embedding ---------------------------------------------------------------------------
   def embed_images(self, params: Any, indices: Sequence[int]) -> np.ndarray:

@@ -55,10 +55,7 @@ class Tool:
   """See the module docstring."""
 
   def __init__(self, config: Reader, task: Any, mesh: Mesh):
-    fns = task.predict_fns()
-    if "embed_images" not in fns or "embed_texts" not in fns:
-      raise ConfigError(f"tool extract_features needs a two-tower task (embed_images, "
-                        f"embed_texts), got {type(task).__module__}")
+    self._img, self._txt = _common.embedding_fns(task, "extract_features")
     if "image_label" not in task.eval_kinds:
       raise ConfigError(f"tool extract_features: task {type(task).__module__} has no "
                         f"'image_label' eval data")
@@ -95,8 +92,6 @@ class Tool:
     if bad:
       raise ConfigError(f"config.extract.templates: each needs exactly one '{{}}', got {bad}")
     self._rows = task.eval_transform("image_label", label_key=self.label_key)
-    self._img = jax.jit(fns["embed_images"])
-    self._txt = jax.jit(fns["embed_texts"])
 
   def class_embeddings(self, params: Any) -> np.ndarray:
     """``[C, E]`` zero-shot class embeddings (module docstring)."""
