@@ -48,12 +48,14 @@ def main() -> None:
            f"{' '.join(map(str, a.seeds))}{extra}`", "",
            "`configs/scl_shapes.py:cpu,<arm>`: pre-training on the 60 base classes of "
            "`shapes_fewshot` (600 images each, 32x32), ResNet-12 of widths 16-32-64-128 (no "
-           "pooling after the last block: 4x4 maps), 2 augmented views per image, batch 64, "
-           "2,000 steps of SGD (momentum 0.9, lr 0.05, cosine, wd 5e-4). Test: 600 episodes "
-           "of 5 of the 20 unseen test classes, 15 queries per class, logistic regression on "
-           "the L2-normalised global and spatial (flattened 4x4 map) features with summed "
-           "logits. Accuracy in %, mean ± std over seeds; ±CI95: the 95% confidence "
-           "half-width of one seed's 600 episodes (mean over seeds).", "",
+           "pooling after the last block: 4x4 maps; DropBlock 0.1 ramped over 750 steps), 2 "
+           "views per image (flip + random crop), batch 32 images, 1,000 steps of SGD "
+           "(momentum 0.9, lr 0.05, cosine, wd 5e-4); SCL: CE + spatial SupCon, weights 1 / 1, "
+           "temperature 0.1. Test: 600 episodes of 5 of the 20 unseen test classes, 15 queries "
+           "per class, logistic regression on the L2-normalised global (pooled) and spatial "
+           "(map max-pooled to 2x2) features, probabilities summed. Accuracy in %, mean ± std "
+           "over seeds; ±CI95: the 95% confidence half-width of one seed's 600 episodes (mean "
+           "over seeds).", "",
            f"| arm | {head} |", "|---|" + "---:|---:|---:|" * len(SHOTS)]
   for label, _ in arms:
     cells = []
