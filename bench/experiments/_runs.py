@@ -73,7 +73,8 @@ def arm_sweep_args(name: str, arms: bool = True):
   """The arguments of an experiment script that runs arms x seeds of one config:
   ``--data_dir`` (required), ``--seeds`` (0 1 2), ``--arms`` (a subset of the arms' args),
   ``--root`` (``/tmp/bigvl/<name>``), ``--out`` (``docs/results/<name>.md``), ``--extra``
-  (``--config.key=value`` for every run). Returns the parser, for more arguments."""
+  (``--extra=--config.key=value``, repeatable: an override for every run). Returns the
+  parser, for more arguments."""
   import argparse
 
   ap = argparse.ArgumentParser()
@@ -83,5 +84,11 @@ def arm_sweep_args(name: str, arms: bool = True):
     ap.add_argument("--arms", nargs="*", default=None, help="a subset of the arms' args")
   ap.add_argument("--root", default=f"/tmp/bigvl/{name}")
   ap.add_argument("--out", default=os.path.join(REPO, f"docs/results/{name}.md"))
-  ap.add_argument("--extra", nargs="*", default=[], help="--config.key=value for every run")
+  ap.add_argument("--extra", action="append", default=[],
+                  help="--extra=--config.key=value (repeatable): an override for every run")
   return ap
+
+
+def extra_flags(extra: list[str]) -> str:
+  """The ``--extra=...`` flags as a command line writes them (for the tables' commands)."""
+  return "".join(f" --extra={e}" for e in extra)

@@ -17,7 +17,7 @@ share one protocol.
 from __future__ import annotations
 
 import numpy as np
-from _runs import arm_sweep_args, code_version, run_config  # bench/experiments/_runs.py
+from _runs import arm_sweep_args, code_version, extra_flags, run_config  # bench/experiments/
 from _table import class_cells, mean_std, paired, write_lines  # bench/experiments/
 
 from bigvl.data import sources
@@ -69,7 +69,7 @@ def main() -> None:
   order = [base] + [label for label, _, _ in ARMS]
   get = {label: {k: np.array([r[f"test/{k}"] for r in rows[label]])
                  for k in ("miou", "pixel_accuracy")} for label in order}
-  extra = f" --extra {' '.join(a.extra)}" if a.extra else ""
+  extra = extra_flags(a.extra)
   test, _ = sources.get_source(DATASET, "test", a.data_dir)
   bg = float(np.mean(_pixels(test)[1] == 0))
   lines = [f"# Autoregressive unsupervised segmentation on {DATASET} "

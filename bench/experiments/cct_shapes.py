@@ -3,7 +3,7 @@ the supervised-only baseline (same network, labeled images, steps and seed), wit
 over the perturbation types.
 
   python bench/experiments/cct_shapes.py --data_dir DIR [--seeds 0 1 2] \\
-      [--out docs/results/cct_shapes.md] [--extra --config.key=value ...]
+      [--out docs/results/cct_shapes.md] [--extra=--config.key=value ...]
 
 Every run is ``python -m bigvl.main --config configs/cct_shapes.py:tiny,<arm>`` (reused when
 the same command already finished with the same code); the seed also draws the labeled subset,
@@ -14,7 +14,7 @@ so each seed's arms share their labeled images. The table gives test mIoU and pi
 from __future__ import annotations
 
 import numpy as np
-from _runs import arm_sweep_args, code_version, run_config  # bench/experiments/_runs.py
+from _runs import arm_sweep_args, code_version, extra_flags, run_config  # bench/experiments/
 from _table import class_cells, mean_std, paired, write_lines  # bench/experiments/
 
 ARMS = [("supervised only", "supervised"),
@@ -39,7 +39,7 @@ def main() -> None:
   base = ARMS[0][0]
   get = {label: {k: np.array([r[f"test/{k}"] for r in rs]) for k in ("miou", "pixel_accuracy")}
          for label, rs in res.items()}
-  extra = f" --extra {' '.join(a.extra)}" if a.extra else ""
+  extra = extra_flags(a.extra)
   lines = [f"# Cross-Consistency Training on shapes_segmentation ({len(a.seeds)} seeds, {code})",
            "", f"Command: `python bench/experiments/cct_shapes.py --data_dir DIR --seeds "
            f"{' '.join(map(str, a.seeds))}{extra}`", "",

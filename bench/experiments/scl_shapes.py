@@ -3,7 +3,7 @@
 and seed), 5-way 1-shot and 5-shot.
 
   python bench/experiments/scl_shapes.py --data_dir DIR [--seeds 0 1 2] \\
-      [--out docs/results/scl_shapes.md] [--extra --config.key=value ...]
+      [--out docs/results/scl_shapes.md] [--extra=--config.key=value ...]
 
 Every run is ``python -m bigvl.main --config configs/scl_shapes.py:cpu,<arm>`` (reused when the
 same command already finished with the same code). Each run is evaluated on the same 600
@@ -16,7 +16,7 @@ seeds) and the paired difference to the baseline.
 from __future__ import annotations
 
 import numpy as np
-from _runs import arm_sweep_args, code_version, run_config  # bench/experiments/_runs.py
+from _runs import arm_sweep_args, code_version, extra_flags, run_config  # bench/experiments/
 from _table import mean_std, paired, write_lines  # bench/experiments/
 
 ARMS = [("CE only (baseline)", "ce"),
@@ -41,7 +41,7 @@ def main() -> None:
   def get(label, what, k):
     return np.array([r[f"fewshot/{what}_5way_{k}shot"] for r in res[label]])
 
-  extra = f" --extra {' '.join(a.extra)}" if a.extra else ""
+  extra = extra_flags(a.extra)
   head = " | ".join(f"{k}-shot | ±CI95 | {k}-shot - CE" for k in SHOTS)
   lines = [f"# SCL vs cross-entropy on shapes_fewshot ({len(a.seeds)} seeds, {code})", "",
            f"Command: `python bench/experiments/scl_shapes.py --data_dir DIR --seeds "
