@@ -58,7 +58,8 @@ def test_evaluator_using_the_declared_interface_works(shapes_data_dir, monkeypat
   _install_evaluator(monkeypatch, "polite", body)
   train.build(_config(shapes_data_dir, {"x": {"type": "polite", "every": 1}}))
   assert seen["fns"] == ["embed_images", "embed_texts"]
-  assert seen["kinds"] == ("image_text",) and seen["dataset"] == "shapes_captions/small"
+  assert seen["kinds"] == ("image_text", "image_label")
+  assert seen["dataset"] == "shapes_captions/small"
   assert seen["tokens"].shape == (1, 16) and seen["tokens"].dtype == np.int32
 
 
@@ -75,8 +76,12 @@ def test_eval_view_refuses_writes_and_undeclared_reads(shapes_data_dir):
 
 
 def test_evaluator_that_does_not_fit_the_task_is_a_config_error(shapes_data_dir):
+  c = _config(shapes_data_dir, {"seg": {"type": "segmentation", "every": 1}})
+  with pytest.raises(ConfigError, match="config.evals.seg: needs eval data 'image_mask'"):
+    train.build(c)
+  # a kind the task has, a prediction function it lacks (two-tower images have no logits)
   c = _config(shapes_data_dir, {"acc": {"type": "classification", "every": 1}})
-  with pytest.raises(ConfigError, match="config.evals.acc: needs eval data 'image_label'"):
+  with pytest.raises(ConfigError, match="predict_fn='logits'.*embed_images, embed_texts"):
     train.build(c)
 
 
