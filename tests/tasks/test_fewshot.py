@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from bigvl import train
+from bigvl import parallel, train
 from bigvl.config import ConfigError, load_sibling
 from bigvl.data.builders import shapes_fewshot
 from tests.helpers import REPO, one_step, run_main
@@ -93,9 +93,12 @@ def test_distillation_reads_the_teacher_bitwise(fewshot_data_dir, tmp_path):
   bitwise (not the fresh student), and the official stage's loss composition is on."""
   from bigvl import checkpoint
 
-  _, _, _, after, _ = one_step(scl_config(fewshot_data_dir, "tiny,ce"), jax.devices()[:1])
-  saved = {"params": after["params"], "extra": jax.tree.map(lambda x: x + 0.5, after["extra"]),
-           "step": np.int32(1)}
+  # a "finished run": a fresh init of another seed, BN statistics moved off their init
+  run = train.build(scl_config(fewshot_data_dir, "tiny,ce"), devices=jax.devices()[:1])
+  params, extra = parallel.unbox(run.task.init(jax.random.key(7),
+                                                next(run.task.train_data(0))))
+  saved = jax.device_get({"params": params, "extra": jax.tree.map(lambda x: x + 0.5, extra),
+                          "step": np.int32(1)})
   ckpt = checkpoint.Checkpointer(str(tmp_path / "teacher"))
   ckpt.save(1, saved, {})
   ckpt.close()
