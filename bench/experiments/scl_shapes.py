@@ -42,10 +42,11 @@ def main() -> None:
     return np.array([r[f"fewshot/{what}_5way_{k}shot"] for r in res[label]])
 
   extra = extra_flags(a.extra)
+  arms_flag = f" --arms {' '.join(a.arms)}" if a.arms else ""
   head = " | ".join(f"{k}-shot | ±CI95 | {k}-shot - CE" for k in SHOTS)
   lines = [f"# SCL vs cross-entropy on shapes_fewshot ({len(a.seeds)} seeds, {code})", "",
            f"Command: `python bench/experiments/scl_shapes.py --data_dir DIR --seeds "
-           f"{' '.join(map(str, a.seeds))}{extra}`", "",
+           f"{' '.join(map(str, a.seeds))}{arms_flag}{extra}`", "",
            "`configs/scl_shapes.py:cpu,<arm>`: pre-training on the 60 base classes of "
            "`shapes_fewshot` (600 images each, 32x32), ResNet-12 of widths 16-32-64-128 (no "
            "pooling after the last block: 4x4 maps; DropBlock 0.1 ramped over 750 steps), 2 "
