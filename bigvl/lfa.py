@@ -101,8 +101,8 @@ def linear_probe(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.nd
                  frac: float = 0.8) -> float:
   """Test accuracy of the linear-probe baseline on the same shots: multinomial logistic
   regression (scikit-learn, lbfgs) on L2-normalised features, ``C`` chosen as LFA chooses its
-  beta: the mean held-out accuracy over ``splits`` random ``frac`` / ``1 - frac`` splits of
-  the shots (ties: the stronger regularisation)."""
+  beta: the mean held-out accuracy over the same random splits of the shots
+  (``bigvl.tasks.lfa.cv_splits``; ties: the stronger regularisation)."""
   import warnings
 
   from sklearn.linear_model import LogisticRegression
@@ -110,13 +110,9 @@ def linear_probe(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.nd
   # 1-shot: as many classes as samples, which scikit-learn warns about; it is the setting
   warnings.filterwarnings("ignore", message="The number of unique classes is greater")
   x, x_test = lfa.normalize(x), lfa.normalize(x_test)
-  rng = np.random.default_rng(seed)
-  n = len(y)
   scores = np.zeros(len(cs))
-  for _ in range(splits):
-    perm = rng.permutation(n)
-    tr, va = perm[:max(1, int(frac * n))], perm[max(1, int(frac * n)):]
-    if len(va) == 0 or len(np.unique(y[tr])) < 2:
+  for tr, va in lfa.cv_splits(len(y), splits, frac, seed):
+    if len(np.unique(y[tr])) < 2:
       continue
     for i, c in enumerate(cs):
       clf = LogisticRegression(C=c, max_iter=1000).fit(x[tr], y[tr])

@@ -36,6 +36,13 @@ Array = jax.Array
 AxisName = str | Sequence[str]
 
 
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
+  """``x / max(|x|, eps)`` along ``axis`` in float32 (a zero vector stays zero): the unit
+  vectors the contrastive, re-ranking and distillation losses compare."""
+  x = jnp.asarray(x, jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
 def pairwise_logits(zimg: Array, ztxt: Array, t: Array | float, b: Array | float = 0.0) -> Array:
   """``t * zimg @ ztxt.T + b``: [N, M] logits, accumulated in float32."""
   dots = jnp.einsum("nd,md->nm", zimg, ztxt, preferred_element_type=jnp.float32)

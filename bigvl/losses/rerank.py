@@ -28,13 +28,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from bigvl.losses.contrastive import l2_normalize
+
 Array = jax.Array
-
-
-def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
-  """``x / |x|`` along ``axis`` (float32; a zero vector stays zero)."""
-  x = jnp.asarray(x, jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
 def euclidean_distances(a: Array, b: Array) -> Array:

@@ -47,6 +47,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from bigvl.losses.contrastive import l2_normalize
+
 Array = jax.Array
 
 AGGREGATIONS = ("mean", "sum", "max", "logsum")
@@ -161,8 +163,7 @@ def pairwise_spatial_similarity(q: Array, k: Array, v: Array, aggregation: str =
 def global_similarity(z: Array) -> Array:
   """``[N, N]`` cosine similarities of ``z [N, D]`` (the global term's matrix: rows
   L2-normalised, then ``z z^T``)."""
-  z = z.astype(jnp.float32)
-  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  z = l2_normalize(z)
   return z @ z.T
 
 
@@ -222,8 +223,6 @@ def contrastive_distill_loss(student: Array, teacher: Array) -> Array:
   """SCL's contrastive distillation ``mean_b (2 - 2 cos(student_b, teacher_b))`` (= the mean
   squared distance of the L2-normalised rows), on ``[B, D]`` features; official: the pooled
   backbone features, weight 10. The teacher is a constant (``stop_gradient``)."""
-  s = student.astype(jnp.float32)
-  t = jax.lax.stop_gradient(teacher).astype(jnp.float32)
-  s = s / jnp.maximum(jnp.linalg.norm(s, axis=-1, keepdims=True), 1e-12)
-  t = t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
+  s = l2_normalize(student)
+  t = l2_normalize(jax.lax.stop_gradient(teacher))
   return jnp.mean(2.0 - 2.0 * jnp.sum(s * t, axis=-1))

@@ -179,6 +179,20 @@ def blend(w: np.ndarray, beta: float) -> np.ndarray:
   return (1.0 - beta) * w + beta * np.eye(w.shape[0], dtype=np.float32)
 
 
+def cv_splits(n: int, splits: int = 3, frac: float = 0.8, seed: int = 0):
+  """``splits`` random ``(train, held-out)`` index pairs of ``n`` samples: each a fresh
+  permutation (``np.random.default_rng(seed)``), its first ``min(int(frac n), n - 1)`` the
+  training part (official: 80/20 splits of the shots). Shared by :func:`choose_beta` and the
+  linear-probe baseline's choice of ``C`` (``bigvl.lfa.linear_probe``)."""
+  n_train = min(int(n * frac), n - 1)
+  if n_train < 1:
+    raise ValueError(f"a cross-validation split needs at least 2 samples, got {n}")
+  rng = np.random.default_rng(seed)
+  for _ in range(splits):
+    perm = rng.permutation(n)
+    yield perm[:n_train], perm[n_train:]
+
+
 def choose_beta(x: np.ndarray, labels: np.ndarray, class_emb: np.ndarray,
                 betas: np.ndarray | None = None, splits: int = 3, frac: float = 0.8,
                 seed: int = 0) -> float:
@@ -202,15 +216,8 @@ def choose_beta(x: np.ndarray, labels: np.ndarray, class_emb: np.ndarray,
   betas = np.linspace(0.0, 1.0, 25) if betas is None else np.asarray(betas, np.float64)
   x, t = normalize(x), normalize(class_emb)
   labels = np.asarray(labels)
-  n = x.shape[0]
-  n_train = min(int(n * frac), n - 1)
-  if n_train < 1:
-    raise ValueError(f"choose_beta needs at least 2 samples, got {n}")
-  rng = np.random.default_rng(seed)
   scores = np.zeros(len(betas))
-  for _ in range(splits):
-    perm = rng.permutation(n)
-    tr, te = perm[:n_train], perm[n_train:]
+  for tr, te in cv_splits(x.shape[0], splits, frac, seed):
     w = procrustes(x[tr], t[labels[tr]])
     # x W_beta = (1 - beta) x W + beta x; the row norm does not change the argmax over classes.
     mapped, plain = (x[te] @ w) @ t.T, x[te] @ t.T

@@ -39,6 +39,7 @@ from bigvl.config import ConfigError, Reader, positive_int
 from bigvl.data import sources
 from bigvl.evaluators._embedding import embed_tokens, predict_split
 from bigvl.evaluators.zeroshot import DEFAULT_PROMPTS, class_embeddings
+from bigvl.tasks import lfa
 from bigvl.tools import _common
 
 
@@ -105,8 +106,7 @@ class Tool:
     """``(features [N, E] L2-normalised, labels [N])`` of one split."""
     out = predict_split(self._img, params, None, self.sources[split], self._rows,
                         self.batch_size, self.mesh, desc=f"extract: {split}")
-    z = out["out"].astype(np.float32)
-    z /= np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+    z = lfa.normalize(out["out"])
     labels = out["label"].astype(np.int64)
     if self.label_table is not None:  # e.g. Caltech101 without its two background classes
       labels = self.label_table[labels]
