@@ -10,23 +10,52 @@ the same sentences; its test split is clean (independent scenes) -- with the mod
 ``siglip_shapes.py:tiny``. ``baseline`` keeps steps, seed, model, data and optimizer and
 switches FFF off (K = 1 caption, no mining). ``bench/experiments/fff_shapes.py`` runs both.
 
+``:tiny,data=equiv`` is the setting where the paper's false negatives live:
+``shapes_captions/equiv``, a pool of 300 scene graphs (concepts) re-rendered with other
+positions, sizes and textures and described by shuffled paraphrases, so a batch of 128 holds
+~27 pairs of *different* images whose captions say the same thing. The batch carries each
+example's ``concept`` (``input.group_key``) so every step logs how many such pairs there are
+and the mined pairs' precision / recall; the test split's retrieval counts every rendering of
+the query's concept as correct (``scene_key='concept'``: scene R@K and mAP). Mining there
+uses a frozen teacher (a finished ``data=equiv,baseline`` run given as
+``--config.loss.mining.teacher_ckpt=WORKDIR``) with the thresholds calibrated on it
+(``bench/experiments/fff_teacher_pr.py``; ``docs/fff.md``); ``source='groups'`` mines the
+ground truth (the oracle). ``bench/experiments/fff_equiv.py`` runs the arms.
+
 No ``tiny``: a ViT-B/16-sized run on a real image-text TFDS dataset prepared as ArrayRecord under
 the data dir (``dataset=cc3m`` by default; ``text_key`` names the feature with several captions
 per image, e.g. re-captions next to the alt-text), ring sigmoid loss over all devices.
-Args: ``tiny``, ``baseline``, ``k`` (captions per image, 0: the default), ``dataset``,
-``text_key``.
+Args: ``tiny``, ``baseline``, ``k`` (captions per image, 0: the default), ``data``
+(``dups`` | ``equiv``, with ``tiny``), ``dataset``, ``text_key``.
 """
 
 import ml_collections as mlc
 
-from bigvl.config import load_sibling, parse_arg
+from bigvl.config import check_choice, load_sibling, parse_arg
+
+#: ``data=equiv`` mining thresholds, calibrated on the teacher (docs/fff.md).
+EQUIV_THR_TT = 0.9
+EQUIV_THR_II = 0.9
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, tiny=False, baseline=False, k=0, dataset="cc3m", text_key="captions")
+  a = parse_arg(arg, tiny=False, baseline=False, k=0, data="dups", dataset="cc3m",
+                text_key="captions")
   c = load_sibling(__file__, "siglip_shapes").get_config("tiny" if a.tiny else None)
+  check_choice("config arg data", a.data, ("dups", "equiv"))
 
-  if a.tiny:
+  if a.tiny and a.data == "equiv":
+    c.input.dataset = "shapes_captions/equiv"
+    c.input.group_key = "concept"
+    c.evals.retrieval.scene_key = "concept"
+    k = a.k or 5
+    # A frozen teacher's text-text and image-image cosines at the thresholds calibrated on
+    # a finished baseline run (bench/experiments/fff_teacher_pr.py, docs/fff.md); the paper's
+    # weights (every positive 1).
+    mining = dict(source="teacher", thr_tt=EQUIV_THR_TT, start_step=0, normalize=False)
+    thr_ii = EQUIV_THR_II
+    c.loss.impl = "dense"
+  elif a.tiny:
     c.input.dataset = "shapes_captions/dups"
     k = a.k or 5  # all 5 paraphrases of shapes_captions
     # Mining on the model's own embeddings once they mean something. Calibrated on this data

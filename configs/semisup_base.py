@@ -12,7 +12,7 @@ import ml_collections as mlc
 from bigvl.config import ConfigError, parse_arg
 from bigvl.tasks import semisup_methods
 
-ARG_DEFAULTS = dict(method="fixmatch", tiny=False, num_labels=100, steps=0)
+ARG_DEFAULTS = dict(method="fixmatch", tiny=False, num_labels=100, steps=0, perturb="auto")
 
 
 def parse(arg):

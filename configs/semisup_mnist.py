@@ -5,8 +5,14 @@
 The arg names the method (``fixmatch`` or ``method=fixmatch``; see
 ``bigvl.tasks.semisup_methods``: supervised, pi_model, temporal_ensembling, mean_teacher, vat,
 pseudo_label, entropy_min, mixmatch, uda, fixmatch), plus ``tiny`` (SmallCNN, a few minutes
-on a 2-core CPU), ``num_labels=N`` (a multiple of 10) and ``steps=N`` (override the number of
-steps). Without ``tiny``: WRN-28-2 and the FixMatch optimizer, sized for an accelerator.
+on a 2-core CPU), ``num_labels=N`` (a multiple of 10), ``steps=N`` (override the number of
+steps) and ``perturb=auto|paper|weak``: ``paper`` trains with the perturbations of Laine & Aila
+2017 and Tarvainen & Valpola 2017 (:data:`PAPER_PERTURB`: translations of up to 2 pixels,
+Gaussian input noise 0.15, dropout 0.5 after the downsampling stages), ``weak`` with the weak
+augmentation alone (translations of up to 12.5%); ``auto`` (default) is ``paper`` for the
+Pi-model, Temporal Ensembling and Mean Teacher and ``weak`` for the others (each method with
+its own paper's). ``supervised,perturb=paper`` is the baseline with the same perturbations.
+Without ``tiny``: WRN-28-2 and the FixMatch optimizer, sized for an accelerator.
 
 The parts shared with ``semisup_cifar10.py`` and ``semisup_svhn.py`` are in
 ``semisup_base.py``. Mean Teacher gets a second evaluator, ``teacher`` (its EMA teacher).
@@ -14,7 +20,7 @@ The parts shared with ``semisup_cifar10.py`` and ``semisup_svhn.py`` are in
 
 import ml_collections as mlc
 
-from bigvl.config import load_sibling
+from bigvl.config import ConfigError, load_sibling
 
 _base = load_sibling(__file__, "semisup_base")
 
@@ -31,6 +37,10 @@ def get_config(arg=None):
   # a flat field and color does nothing on one channel (with them: the ablation table
   # docs/results/semisup_mnist_full_randaugment.md).
   c.input.strong_ops = DIGIT_OPS
+  perturb = a.perturb if a.perturb != "auto" else (
+      "paper" if a.method in PAPER_PERTURB_METHODS else "weak")
+  if perturb not in ("paper", "weak"):
+    raise ConfigError(f"config arg perturb={a.perturb!r}: one of auto, paper, weak")
   # VAT's eps is an L2 norm on normalised inputs: 2.0 in 0..1 pixel units (Miyato et al.'s
   # MNIST value) is ~6.5 after dividing by MNIST's std 0.31.
   if a.method == "vat":
@@ -41,6 +51,10 @@ def get_config(arg=None):
     c.model = mlc.ConfigDict({"name": "small_cnn", "width": TINY_WIDTH, "stages": 4,
                               "bn_momentum": 0.99})
     c.input.num_threads = 1
+    if perturb == "paper":
+      c.input.max_translate = PAPER_PERTURB["max_translate"]
+      c.input.noise_std = PAPER_PERTURB["noise_std"]
+      c.model.stage_dropout = PAPER_PERTURB["stage_dropout"]
     if "mu" in c.semisup:
       c.semisup.mu = min(c.semisup.mu, TINY_MAX_MU)
     _base.scale_rampups(c, steps)
@@ -52,6 +66,11 @@ def get_config(arg=None):
   return c
 
 
+#: Laine & Aila 2017 (Sec. 3 and App. A) and Tarvainen & Valpola 2017 (App. B): random
+#: translations of up to 2 pixels (2 / 28 of an MNIST digit), additive Gaussian input noise of
+#: std 0.15 (on normalised inputs) and dropout 0.5 after each pooling stage; no flips (digits).
+PAPER_PERTURB = {"max_translate": 2 / 28, "noise_std": 0.15, "stage_dropout": 0.5}
+PAPER_PERTURB_METHODS = ("pi_model", "temporal_ensembling", "mean_teacher")
 DIGIT_OPS = ("identity", "autocontrast", "equalize", "rotate", "sharpness", "shear_x", "shear_y",
              "translate_x", "translate_y", "posterize")
 TINY_STEPS = 1500

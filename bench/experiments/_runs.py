@@ -92,3 +92,24 @@ def arm_sweep_args(name: str, arms: bool = True):
 def extra_flags(extra: list[str]) -> str:
   """The ``--extra=...`` flags as a command line writes them (for the tables' commands)."""
   return "".join(f" --extra={e}" for e in extra)
+
+
+def load_finished(workdir: str):
+  """``(run, step, state)`` of a finished run from its ``config.json`` and latest checkpoint
+  (nothing is trained); exits with a message if it has no checkpoint."""
+  import sys
+
+  import ml_collections
+
+  sys.path.insert(0, REPO)
+  from bigvl import checkpoint, parallel, train
+
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  run = train.build(config)
+  batch = parallel.global_batch(next(run.task.train_data(run.seed)), run.mesh)
+  fns = train.compile_run(run, batch)
+  restored = checkpoint.Checkpointer(workdir).restore_latest(fns.abstract_state)
+  if restored is None:
+    sys.exit(f"{workdir}: no checkpoint")
+  return (run, *restored[:2])

@@ -13,7 +13,6 @@ i2t / t2i R@1 per group (mean per setup, then per run), from each run's last che
 from __future__ import annotations
 
 import collections
-import json
 import os
 import sys
 
@@ -22,7 +21,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from bigvl import checkpoint, parallel, train  # noqa: E402
+from _runs import load_finished  # noqa: E402 (bench/experiments/_runs.py)
+
 from bigvl.evaluators.retrieval import retrieval_ranks  # noqa: E402
 
 
@@ -36,8 +36,6 @@ def groups(source) -> dict[str, np.ndarray]:
 
 
 def main() -> None:
-  import ml_collections
-
   workdirs = sys.argv[1:]
   if not workdirs:
     sys.exit(__doc__)
@@ -45,15 +43,8 @@ def main() -> None:
   names = None
   by_setup: dict[str, list[list[tuple[float, float]]]] = collections.defaultdict(list)
   for wd in workdirs:
-    with open(os.path.join(wd, "config.json")) as f:
-      config = ml_collections.ConfigDict(json.load(f))
-    run = train.build(config)
-    batch = parallel.global_batch(next(run.task.train_data(run.seed)), run.mesh)
-    fns = train.compile_run(run, batch)
-    restored = checkpoint.Checkpointer(wd).restore_latest(fns.abstract_state)
-    if restored is None:
-      sys.exit(f"{wd}: no checkpoint")
-    step, state, _ = restored
+    run, step, state = load_finished(wd)
+    config = run.config
     ev = dict((name, e) for name, e, _ in run.evaluators)["retrieval"]
     emb = ev.embedder.embed(state["params"])
     masks = groups(ev.embedder.source)

@@ -45,11 +45,19 @@ def parse_sets(items: list[str]) -> dict:
   return out
 
 
-def config_of(method: str, seed: int, steps: int, sets: dict | None = None):
+def split_arm(arm: str) -> tuple[str, str]:
+  """``'supervised+perturb=paper'`` -> ``('supervised', 'perturb=paper')``: an arm is a method
+  plus extra config args (``+``-separated)."""
+  method, _, extra = arm.partition("+")
+  return method, extra.replace("+", ",")
+
+
+def config_of(arm: str, seed: int, steps: int, sets: dict | None = None):
   from bigvl.config import load_sibling
 
+  method, extra = split_arm(arm)
   c = load_sibling(os.path.join(REPO, "configs", "x.py"), "semisup_mnist").get_config(
-      f"{method},tiny,steps={steps}")
+      ",".join(filter(None, (method, extra, "tiny", f"steps={steps}"))))
   for key, value in (sets or {}).items():
     only, _, key = key.rpartition(":")  # 'mean_teacher:semisup.lambda_u': that method only
     if only and only != method:
@@ -57,7 +65,7 @@ def config_of(method: str, seed: int, steps: int, sets: dict | None = None):
     if not key.startswith("semisup.") or key.split(".", 1)[1] in c.semisup:
       c.update_from_flattened_dict({key: value})  # a semisup knob only where the method has it
   c.seed = seed
-  c.log_every = max(1, steps // 5)
+  c.log_every = max(1, steps // CURVE_POINTS)
   c.ckpt_every = steps
   return c
 
@@ -67,19 +75,35 @@ def run_key(c, code: str) -> dict:
   return {"config": json.loads(c.to_json_best_effort()), "code": code}
 
 
-def run_one(method: str, seed: int, steps: int, workroot: str, code: str, sets: dict) -> dict:
+#: logged points per run: the curves of the supervised and the weighted unlabeled term.
+CURVE_POINTS = 30
+CURVE_KEYS = ("sup_loss", "unsup_loss", "w_u", "acc", "u_acc")
+
+
+def read_curve(workdir: str) -> dict[str, list]:
+  """``{'step': [...], 'sup_loss': [...], ...}`` from the run's ``metrics.jsonl`` (the
+  training rows; keys a method does not log are left out)."""
+  rows = []
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  rows = [r for r in rows if "sup_loss" in r]
+  return {k: [r[k] for r in rows] for k in ("step", *CURVE_KEYS) if rows and k in rows[0]}
+
+
+def run_one(arm: str, seed: int, steps: int, workroot: str, code: str, sets: dict) -> dict:
   from bigvl import train
 
-  c = config_of(method, seed, steps, sets)
-  workdir = os.path.join(workroot, f"{method}_s{seed}")
+  c = config_of(arm, seed, steps, sets)
+  workdir = os.path.join(workroot, f"{arm}_s{seed}".replace("=", "-"))
   shutil.rmtree(workdir, ignore_errors=True)
   t0 = time.perf_counter()
   res = train.train(c, workdir)
-  out = {"method": method, "seed": seed, "steps": steps, "seconds": time.perf_counter() - t0,
+  out = {"method": arm, "seed": seed, "steps": steps, "seconds": time.perf_counter() - t0,
          "error": res["test/error"], "mu": c.semisup.get("mu", 0),
          "batch_size": c.input.batch_size, "key": run_key(c, code)}
   if "teacher/error" in res:  # Mean Teacher's second evaluator: its EMA teacher
     out["teacher_error"] = res["teacher/error"]
+  out["curve"] = read_curve(workdir)
   shutil.rmtree(workdir, ignore_errors=True)
   return out
 
@@ -99,34 +123,44 @@ def setup_sentence(c) -> str:
           f"{sch.get('decay', 'cosine')} to {end:g}x, weight decay {o.get('wd', 0.0):g}")
 
 
+def arm_order(arm: str) -> tuple[int, str]:
+  """Arms in the registry's method order, a method's plain arm first."""
+  method, extra = split_arm(arm)
+  return (list(METHODS).index(method) if method in METHODS else len(METHODS), extra)
+
+
+def paired(errs_by_seed: dict[int, float], base_by_seed: dict[int, float]) -> str:
+  """``mean ± std (k of n)`` of ``100 (error - baseline error)`` over the seeds both have; k:
+  the seeds where the arm had fewer errors."""
+  seeds = sorted(set(errs_by_seed) & set(base_by_seed))
+  if not seeds:
+    return ""
+  d = [100 * (errs_by_seed[s] - base_by_seed[s]) for s in seeds]
+  sd = np.std(d, ddof=1) if len(d) > 1 else 0.0
+  return f"{np.mean(d):+.2f} ± {sd:.2f} ({sum(x < 0 for x in d)} of {len(d)})"
+
+
 def render(rows: list[dict], command: str, wall: float, setup: str, code: str,
            title: str | None = None) -> str:
   by = {}
   for r in rows:
     by.setdefault(r["method"], []).append(r)
-  sup = by.get("supervised")
-  sup_mean = 100 * np.mean([r["error"] for r in sup]) if sup else None
-  sup_by_seed = {r["seed"]: r["error"] for r in sup or ()}
-  lines = ["| method | test error % (mean ± std) | per seed | vs supervised | paired vs "
-           "supervised (seeds better) | unlabeled / step | s / run |",
-           "|---|---:|---|---:|---:|---:|---:|"]
-  for m in METHODS:
-    if m not in by:
-      continue
-    rs = sorted(by[m], key=lambda r: r["seed"])
-    for key, name in (("error", m), ("teacher_error", f"{m} (teacher)")):
+  baselines = sorted((a for a in by if split_arm(a)[0] == "supervised"), key=arm_order)
+  base_by_seed = {a: {r["seed"]: r["error"] for r in by[a]} for a in baselines}
+  head = " | ".join(f"paired vs `{a}` (seeds better)" for a in baselines)
+  lines = [f"| arm | test error % (mean ± std) | per seed | {head} | unlabeled / step | "
+           "s / run |",
+           "|---|---:|---|" + "---:|" * len(baselines) + "---:|---:|"]
+  for arm in sorted(by, key=arm_order):
+    rs = sorted(by[arm], key=lambda r: r["seed"])
+    for key, name in (("error", arm), ("teacher_error", f"{arm} (teacher)")):
       if key not in rs[0]:
         continue
-      errs = [r[key] for r in rs]
-      delta = "" if sup_mean is None or m == "supervised" else \
-          f"{100 * np.mean(errs) - sup_mean:+.2f}"
-      paired = ""
-      if m != "supervised" and all(r["seed"] in sup_by_seed for r in rs):
-        d = [100 * (r[key] - sup_by_seed[r["seed"]]) for r in rs]
-        sd = np.std(d, ddof=1) if len(d) > 1 else 0.0
-        paired = f"{np.mean(d):+.2f} ± {sd:.2f} ({sum(x < 0 for x in d)} of {len(d)})"
-      lines.append(f"| {name} | {_fmt(errs)} | {', '.join(f'{100 * e:.1f}' for e in errs)} | "
-                   f"{delta} | {paired} | {rs[0]['mu'] * rs[0]['batch_size']} | "
+      errs = {r["seed"]: r[key] for r in rs}
+      cols = " | ".join("" if a == arm else paired(errs, base_by_seed[a]) for a in baselines)
+      lines.append(f"| `{name}` | {_fmt(list(errs.values()))} | "
+                   f"{', '.join(f'{100 * e:.1f}' for e in errs.values())} | {cols} | "
+                   f"{rs[0]['mu'] * rs[0]['batch_size']} | "
                    f"{np.mean([r['seconds'] for r in rs]):.0f} |")
   seeds = sorted({r["seed"] for r in rows})
   return "\n".join([
@@ -150,11 +184,12 @@ def render(rows: list[dict], command: str, wall: float, setup: str, code: str,
       "",
       *lines,
       "",
-      "`vs supervised`: difference of the mean errors, in points; `paired`: the mean ± std "
-      "over seeds of (method - supervised) on the same seed (same labeled draw and data "
-      "order), and in how many seeds the method had fewer errors. Why Temporal Ensembling and "
-      "Mean Teacher do not beat the baseline in this setting, and the digit-specific "
-      "RandAugment op list: `docs/semisup.md`, section \"Result: MNIST, 100 labels\".",
+      "An arm is `<method>[+<config arg>...]` (`configs/semisup_mnist.py` args; `perturb=auto` "
+      "gives the Pi-model, Temporal Ensembling and Mean Teacher their papers' perturbations). "
+      "`paired vs X`: the mean ± std over seeds of (arm - X) test error on the same seed (same "
+      "labeled draw and data order), in points, and in how many seeds the arm had fewer "
+      "errors. Discussion, the papers' perturbations and the digit-specific RandAugment op "
+      "list: `docs/semisup.md`, section \"Result: MNIST, 100 labels\".",
       "",
   ])
 

@@ -41,11 +41,16 @@ def _image_specs(image_size: int | None, image_key: str) -> list[str]:
 
 def default_train_specs(*, captions_per_image: int = 1, max_len: int = 16,
                         image_size: int | None = None, image_key: str = "image",
-                        text_key: str = "captions") -> list[str]:
-  """The two-tower train pipeline as op specs (module docstring)."""
+                        text_key: str = "captions", group_key: str | None = None
+                        ) -> list[str]:
+  """The two-tower train pipeline as op specs (module docstring); with ``group_key`` the
+  example's ground-truth equivalence group also goes into the batch as ``group`` (int32: what
+  ``loss.mining`` scores its mined pairs against)."""
+  group = [f"cast({group_key!r}, 'int32', out='group')"] if group_key else []
+  keep = ("image", "tokens", "group") if group_key else ("image", "tokens")
   return ([f"sample_captions({captions_per_image}, key={text_key!r}, out='texts')"]
           + _image_specs(image_size, image_key)
-          + [f"tokenize({max_len}, key='texts', out='tokens')", "keep(('image', 'tokens'))"])
+          + [f"tokenize({max_len}, key='texts', out='tokens')", *group, f"keep({keep!r})"])
 
 
 def eval_specs(num_captions: int, *, max_len: int = 16, image_size: int | None = None,
@@ -69,6 +74,7 @@ class ImageTextTransform:
   def __init__(self, tokenizer: Tokenizer, max_len: int, *, captions_per_image: int = 1,
                image_size: int | None = None, image_key: str = "image",
                text_key: str = "captions", label_key: str | None = "label",
+               group_key: str | None = None,
                train_specs: Sequence[transforms.Spec] | None = None,
                where: str = "config.input.transforms"):
     self.tokenizer, self.max_len, self.k = tokenizer, max_len, captions_per_image
@@ -77,7 +83,7 @@ class ImageTextTransform:
     if train_specs is None:
       train_specs = default_train_specs(
           captions_per_image=captions_per_image, max_len=max_len, image_size=image_size,
-          image_key=image_key, text_key=text_key)
+          image_key=image_key, text_key=text_key, group_key=group_key)
     self.train = transforms.build(train_specs, where=where, tokenizer=tokenizer)
     self._eval: dict[int, transforms.Transform] = {}
     self._image_label: dict[str, transforms.Transform] = {}

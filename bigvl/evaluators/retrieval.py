@@ -9,7 +9,9 @@ images show the same scene (near duplicates with equivalent captions), the stand
 counts a caption of a duplicate as a miss although it describes the query just as well. With
 ``scene_key`` set the evaluator also reports ``i2t_scene_R@K`` / ``t2i_scene_R@K``: a hit when
 any item of the query's scene (a caption of any image with the same scene id, resp. any such
-image) ranks in the top K, ties counting against the query as above.
+image) ranks in the top K, ties counting against the query as above, and
+``i2t_scene_mAP`` / ``t2i_scene_mAP``: the mean average precision with every item of the
+query's scene relevant (all of them must rank high, not just the best one).
 
 Config: ``type='retrieval'``, ``every``, ``dataset``, ``split``, ``batch_size``,
 ``num_captions``, ``ks``, ``scene_key`` (default None: standard recall only), ``image_fn`` /
@@ -74,7 +76,22 @@ def scene_recall_at_k(zimg: np.ndarray, ztxt: np.ndarray, scene: np.ndarray,
   for k in ks:
     out[f"i2t_scene_R@{k}"] = float(np.mean(i2t_rank < k))
     out[f"t2i_scene_R@{k}"] = float(np.mean(t2i_rank < k))
+  out["i2t_scene_mAP"] = float(np.mean(average_precision(sims, same)))
+  out["t2i_scene_mAP"] = float(np.mean(average_precision(sims.T, same.T)))
   return out
+
+
+def average_precision(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+  """[Q] average precision of each query (row) ranking all items by ``scores [Q, M]`` with
+  ``relevant [Q, M]`` bool: ``AP = 1/R sum_{r: item at rank r relevant} P@r`` (``R`` relevant
+  items, ``P@r`` the fraction of relevant items in the top r; ranks from a stable sort of
+  -score). Every item of the query's scene counts, so a model scores high only by ranking
+  all equivalent items (e.g. every rendering of one scene graph) above the rest."""
+  order = np.argsort(-scores, axis=1, kind="stable")
+  rel = np.take_along_axis(relevant, order, axis=1).astype(np.float64)
+  hits = np.cumsum(rel, axis=1)
+  precision = hits / np.arange(1, scores.shape[1] + 1)[None, :]
+  return np.sum(precision * rel, axis=1) / np.maximum(rel.sum(axis=1), 1.0)
 
 
 class Evaluator:

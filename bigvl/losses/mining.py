@@ -18,6 +18,11 @@ duplicates for in-modality cosines, and ``thr_it = 0.5`` is a conservative cross
 threshold (mismatched image-text cosines of CLIP/SigLIP-style models are typically well below
 it). They depend on the embedding model and should be calibrated; ``None`` disables a test.
 
+With ground-truth equivalences (a group id per example, e.g. the scene graph of
+``shapes_captions/equiv``): :func:`group_positives` is the oracle miner (``truth_ij =
+[group(i) == group(owner(j))]``) and :func:`mining_quality` the precision / recall of any
+miner's pairs against that truth.
+
 Mining runs on the gathered (global) batch, outside the gradient (inputs are
 ``stop_gradient``-ed), and the mask feeds ``sigmoid_loss(positives=...)`` or, sharded by rows,
 ``ring_sigmoid_loss(positives=...)``. Cost: O(N^2 + M^2 + N M) similarities, no N M^2 terms.
@@ -82,8 +87,7 @@ def mine_positives(zimg: Array, ztxt: Array, txt_owner_ids: Array, *,
   ztxt = jax.lax.stop_gradient(ztxt)
   owners = jnp.asarray(txt_owner_ids, jnp.int32)
   n, m = zimg.shape[0], ztxt.shape[0]
-  has_owner = (owners >= 0) & (owners < n)
-  base = (jnp.arange(n)[:, None] == owners[None, :]) & has_owner[None, :]
+  base, has_owner = owner_mask(n, owners)
 
   false = jnp.zeros((n, m), bool)
   ii = tt = it = false
@@ -104,3 +108,45 @@ def mine_positives(zimg: Array, ztxt: Array, txt_owner_ids: Array, *,
       base=base.astype(jnp.float32),
       num_mined=count(pos),
       num_ii=count(ii), num_tt=count(tt), num_it=count(it))
+
+
+def owner_mask(n: int, txt_owner_ids: Array) -> tuple[Array, Array]:
+  """``(base [N, M] bool, has_owner [M] bool)``: ``base_ij = [owner(j) == i]``; a text whose
+  owner is outside ``0..N-1`` (``-1``: none) has an all-false column."""
+  owners = jnp.asarray(txt_owner_ids, jnp.int32)
+  has_owner = (owners >= 0) & (owners < n)
+  return (jnp.arange(n)[:, None] == owners[None, :]) & has_owner[None, :], has_owner
+
+
+def same_group(groups: Array, txt_owner_ids: Array) -> Array:
+  """``[N, M]`` bool ``truth_ij = [groups[i] == groups[owner(j)]]``: the ground-truth
+  equivalences of a batch whose examples carry a group id (e.g. ``shapes_captions/equiv``'s
+  ``concept``: every rendering of one scene graph); texts without owner match nothing."""
+  groups = jnp.asarray(groups, jnp.int32)
+  owners = jnp.asarray(txt_owner_ids, jnp.int32)
+  n = groups.shape[0]
+  _, has_owner = owner_mask(n, owners)
+  return (groups[:, None] == groups[jnp.clip(owners, 0, n - 1)][None, :]) & has_owner[None, :]
+
+
+def group_positives(groups: Array, txt_owner_ids: Array) -> MiningResult:
+  """Oracle mining: every pair of the same group is positive, ``P_ij = base_ij or
+  truth_ij`` (:func:`same_group`). The ceiling a miner can reach on data with known
+  equivalences; the per-test counts are 0 (no similarity test ran)."""
+  owners = jnp.asarray(txt_owner_ids, jnp.int32)
+  base, _ = owner_mask(groups.shape[0], owners)
+  pos = base | same_group(groups, owners)
+  zero = jnp.zeros((), jnp.int32)
+  return MiningResult(positives=pos.astype(jnp.float32), base=base.astype(jnp.float32),
+                      num_mined=jnp.sum(pos & ~base, dtype=jnp.int32), num_ii=zero,
+                      num_tt=zero, num_it=zero)
+
+
+def mining_quality(mined: Array, truth: Array, base: Array) -> tuple[Array, Array]:
+  """Precision and recall of the mined pairs against the ground truth, over non-base pairs:
+  ``precision = |mined & truth| / |mined|``, ``recall = |mined & truth| / |truth & ~base|``
+  (each 0/0 -> 0). ``mined``, ``truth``, ``base``: ``[N, M]`` bool."""
+  extra = truth & ~base
+  hits = jnp.sum(mined & extra, dtype=jnp.float32)
+  return (hits / jnp.maximum(jnp.sum(mined, dtype=jnp.float32), 1.0),
+          hits / jnp.maximum(jnp.sum(extra, dtype=jnp.float32), 1.0))

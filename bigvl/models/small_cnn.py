@@ -35,6 +35,9 @@ class SmallCNN(nn.Module):
     bn_momentum: running-average decay (0.99: short runs need faster-moving statistics).
     bn_epsilon: 1e-3.
     dropout_rate: dropout before the classifier; needs a ``"dropout"`` rng when > 0.
+    stage_dropout: dropout after every downsampling stage but the last (stages ``1 ..
+      stages - 2``), as Laine & Aila 2017 and Tarvainen & Valpola 2017 put dropout 0.5 after
+      each max-pooling of their ConvNet (our stride-2 stages stand in for its pooling); 0: off.
     dtype: computation dtype; logits are returned in float32.
   """
 
@@ -44,6 +47,7 @@ class SmallCNN(nn.Module):
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
   dropout_rate: float = 0.0
+  stage_dropout: float = 0.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -57,21 +61,27 @@ class SmallCNN(nn.Module):
                        momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
                        name=f"bn{i}", **logical.batch_norm_inits())(x)
       x = leaky_relu(x)
+      if self.stage_dropout and 1 <= i < self.stages - 1:
+        x = nn.Dropout(self.stage_dropout, deterministic=not train)(x)
     return classifier_head(x, self.num_classes, self.dropout_rate, train, self.dtype,
                            return_features)
 
 
 def from_config(cfg, num_classes: int) -> SmallCNN:
   """``config.model`` (``name='small_cnn'``): ``width``, ``stages``, ``bn_momentum``,
-  ``bn_epsilon``, ``dropout_rate``, ``dtype``; an unset key keeps :class:`SmallCNN`'s
-  default."""
-  from bigvl.config import positive_int
+  ``bn_epsilon``, ``dropout_rate``, ``stage_dropout``, ``dtype``; an unset key keeps
+  :class:`SmallCNN`'s default; a dropout rate outside [0, 1) is a ConfigError."""
+  from bigvl.config import ConfigError, positive_int
   from bigvl.models import dtypes
 
   m = SmallCNN
+  rates = {}
+  for name in ("dropout_rate", "stage_dropout"):
+    rates[name] = float(cfg.typed(name, (float, int), getattr(m, name)))
+    if not 0 <= rates[name] < 1:
+      raise ConfigError(f"{cfg.path}.{name} must be in [0, 1), got {rates[name]}")
   return SmallCNN(num_classes=num_classes, width=positive_int(cfg, "width", m.width),
                   stages=positive_int(cfg, "stages", m.stages),
                   bn_momentum=float(cfg.typed("bn_momentum", float, m.bn_momentum)),
                   bn_epsilon=float(cfg.typed("bn_epsilon", float, m.bn_epsilon)),
-                  dropout_rate=float(cfg.typed("dropout_rate", (float, int), m.dropout_rate)),
-                  dtype=dtypes.from_config(cfg, m.dtype))
+                  dtype=dtypes.from_config(cfg, m.dtype), **rates)

@@ -26,7 +26,13 @@ uda                  ``1[max p(w) >= beta] KL(sharpen(p(w), T) || p(s))``, w/s w
 fixmatch             ``1[max p(w) >= tau] CE(argmax p(w), p(s))`` (Sohn et al. 2020)
 ===================  =========================================================================
 
-``p = softmax(model(x))``. Each method is one unit in ``bigvl.tasks.semisup_methods.METHODS``
+``p = softmax(model(x))``. ``input.noise_std = s > 0`` adds Gaussian noise to every training
+input after normalisation, ``x + s * N(0, 1)`` (labeled images and every unlabeled view, a
+fresh draw per view and step): the input perturbation of the Pi-model / Temporal Ensembling
+(Laine & Aila 2017, ``s = 0.15``) and Mean Teacher (Tarvainen & Valpola 2017); dropout inside
+the network is the model's (``model.stage_dropout`` of ``small_cnn``).
+
+Each method is one unit in ``bigvl.tasks.semisup_methods.METHODS``
 (its knobs and their defaults from the papers, its views, state, unlabeled loss and
 after-step update); this module holds what they share: data, model, normalisation, the shared
 train-mode forward and the supervised term. A knob in ``config.semisup`` that the chosen
@@ -42,8 +48,9 @@ Evaluation (``bigvl/tasks/base.py``): eval kind ``'image_label'``; prediction fu
 ``'logits'`` (the trained model) and the method's own (Mean Teacher: ``'teacher_logits'``).
 
 Config read: ``method``, ``seed``, ``semisup.*``, ``input.{dataset, data_dir, train_split,
-num_labels, label_seed, batch_size, num_threads, flip, max_translate, strong_num_ops,
-strong_ops, image_key, label_key, mean, std, transforms, unlabeled_transforms}``
+num_labels, label_seed, batch_size, num_threads, flip, max_translate, noise_std,
+strong_num_ops, strong_ops, image_key, label_key, mean, std, transforms,
+unlabeled_transforms}``
 (``transforms`` / ``unlabeled_transforms``: op-spec lists that replace the default labeled /
 unlabeled pipelines, see ``_default_transforms``), ``model.{name, ...}`` (``wide_resnet`` |
 ``small_cnn``).
@@ -136,6 +143,9 @@ class Task(base.Task):
     self.num_threads = positive_int(inp, "num_threads", 2)
     self.flip = inp.typed("flip", bool, False)
     self.max_translate = float(inp.typed("max_translate", (float, int), 0.125))
+    self.noise_std = float(inp.typed("noise_std", (float, int), 0.0))
+    if self.noise_std < 0:
+      raise ConfigError(f"config.input.noise_std must be >= 0, got {self.noise_std}")
     self.strong_num_ops = positive_int(inp, "strong_num_ops", 2)
     self.strong_ops = tuple(inp.get("strong_ops", tuple(augment.OPS)))
     bad = sorted(set(self.strong_ops) - set(augment.OPS))
@@ -274,10 +284,15 @@ class Task(base.Task):
     unit = self.unit
     rng_drop, rng_method = jax.random.split(rng)
     unl = batch.get("unlabeled", {})
+    images = [self.normalize(batch["labeled"]["image"]),
+              *(self.normalize(unl["image"][:, v]) for v in range(len(self.views)))]
+    if self.noise_std:
+      keys = jax.random.split(jax.random.fold_in(rng, 1), len(images))
+      images = [x + self.noise_std * jax.random.normal(k, x.shape, x.dtype)
+                for x, k in zip(images, keys, strict=True)]
     inp = methods.StepInput(
-        params=params, state=state, x_l=self.normalize(batch["labeled"]["image"]),
-        y=batch["labeled"]["label"],
-        views=tuple(self.normalize(unl["image"][:, v]) for v in range(len(self.views))),
+        params=params, state=state, x_l=images[0], y=batch["labeled"]["label"],
+        views=tuple(images[1:]),
         unlabeled={k: v for k, v in unl.items() if k != "image"}, rng=rng_drop,
         rng_method=rng_method, step=step)
     fwd = (unit.forward or self.forward)(self.ctx, inp)

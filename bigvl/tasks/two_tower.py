@@ -20,10 +20,17 @@ than an [n, n K] chunk of logits. Mining always runs on the gathered (global) em
 hands the ring its rows of the mined mask (``[n, N K]`` bools per device) or, with
 ``loss.mining.max_per_image``, up to that many mined text ids per image.
 
+Ground truth: with ``input.group_key`` (a feature naming each example's equivalence group, e.g.
+``concept`` of ``shapes_captions/equiv``) the batch carries ``group`` and every step logs
+``true_extra_per_image`` (same-group pairs besides the owner's, per image) and, with mining
+on, the mined pairs' ``mined_precision`` / ``mined_recall`` against it
+(``mining.mining_quality``); ``loss.mining.source='groups'`` mines exactly those pairs (the
+oracle: what perfect mining would give).
+
 Config read: ``input.{dataset, data_dir, train_split, batch_size, captions_per_image,
-max_len, tokenizer, vocab_size, image_size, image_key, text_key, num_threads}``,
+max_len, tokenizer, vocab_size, image_size, image_key, text_key, group_key, num_threads}``,
 ``model.*`` (``bigvl.models.two_tower``), ``loss.{name: sigmoid|softmax, impl: dense|ring}``,
-``loss.mining.{source: none|self|teacher, teacher_ckpt, thr_ii, thr_tt, thr_it, start_step,
+``loss.mining.{source: none|self|teacher|groups, teacher_ckpt, thr_ii, thr_tt, thr_it, start_step,
 max_per_image, normalize}`` (see ``docs/fff.md``).
 """
 
@@ -45,7 +52,7 @@ from bigvl.data import image_text, pipeline, sources
 from bigvl.losses import contrastive, mining
 from bigvl.tasks import base
 
-MINING_SOURCES = ("none", "self", "teacher")
+MINING_SOURCES = ("none", "self", "teacher", "groups")
 
 
 def owner_ids(num_images: int, captions_per_image: int) -> jax.Array:
@@ -162,6 +169,7 @@ class Task(base.Task):
     self.num_threads = positive_int(inp, "num_threads", 2)
     self.image_size = inp.typed("image_size", int, None)
     text_key = inp.typed("text_key", str, "captions")
+    self.group_key = inp.typed("group_key", str, None)
     self.source, self.info = sources.get_source(
         self.dataset, inp.typed("train_split", str, "train"), self.data_dir)
     self.tokenizer = image_text.dataset_tokenizer(
@@ -170,7 +178,7 @@ class Task(base.Task):
     self.transform = image_text.ImageTextTransform(
         self.tokenizer, self.max_len, captions_per_image=self.k, image_size=self.image_size,
         image_key=inp.typed("image_key", str, "image"), text_key=text_key,
-        train_specs=inp.typed("transforms", (list, tuple), None),
+        group_key=self.group_key, train_specs=inp.typed("transforms", (list, tuple), None),
         where=f"{inp.path}.transforms")
 
     loss = config.loss
@@ -210,7 +218,11 @@ class Task(base.Task):
     if not self.variant.multi_positive:
       raise ConfigError(f"config.loss.mining needs loss.name='sigmoid' (mined pairs are extra "
                         f"positives, which the {self.loss_name} loss cannot have)")
-    if (self.thr_ii, self.thr_tt, self.thr_it) == (None, None, None):
+    if self.mining == "groups" and not self.group_key:
+      raise ConfigError("config.loss.mining.source='groups' (oracle mining from ground-truth "
+                        "equivalences) needs input.group_key (e.g. 'concept' of "
+                        "shapes_captions/equiv)")
+    if self.mining != "groups" and (self.thr_ii, self.thr_tt, self.thr_it) == (None,) * 3:
       raise ConfigError("config.loss.mining: every threshold is None, nothing can be mined; "
                         "set loss.mining.source='none' instead")
     self.teacher_dir = None
@@ -271,7 +283,9 @@ class Task(base.Task):
   def encode_texts(self, texts) -> dict[str, np.ndarray]:
     return {"tokens": self.tokenizer.encode(list(texts), self.max_len)}
 
-  def _mine(self, state, images, tokens, zimg, ztxt, owners) -> mining.MiningResult:
+  def _mine(self, state, batch, images, tokens, zimg, ztxt, owners) -> mining.MiningResult:
+    if self.mining == "groups":
+      return mining.group_positives(batch["group"], owners)
     if self.mining == "teacher":
       zimg, ztxt, _, _ = self.model.apply({"params": state["teacher"]}, images, tokens)
     return mining.mine_positives(zimg, ztxt, owners, thr_ii=self.thr_ii, thr_tt=self.thr_tt,
@@ -286,13 +300,20 @@ class Task(base.Task):
     metrics = {}
     mined = None
     if self.mining != "none":
-      res = self._mine(state, images, tokens, zimg, ztxt, owners)
+      res = self._mine(state, batch, images, tokens, zimg, ztxt, owners)
       on = step >= self.start_step
       mined = (res.positives > 0) & (res.base == 0) & on  # [N, N K] bool, mined pairs only
       num = jnp.where(on, res.num_mined, 0)
       metrics.update(mined_positives=num, mined_per_image=num / n,
                      mined_ii=jnp.where(on, res.num_ii, 0), mined_tt=jnp.where(on, res.num_tt, 0),
                      mined_it=jnp.where(on, res.num_it, 0))
+    if "group" in batch:  # ground truth: how right the mining is (also with mining off)
+      truth = mining.same_group(batch["group"], owners)
+      base = mining.owner_mask(n, owners)[0]
+      metrics["true_extra_per_image"] = jnp.sum(truth & ~base) / n
+      if mined is not None:
+        metrics["mined_precision"], metrics["mined_recall"] = mining.mining_quality(
+            mined, truth, base)
 
     loss, b, extra_metrics = self.variant.fn(self, zimg, ztxt, t, b, owners, mined, k)
     metrics.update(extra_metrics)

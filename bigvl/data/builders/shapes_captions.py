@@ -46,6 +46,42 @@ Builder configs:
   ``captions`` and ``description`` are unchanged in meaning: the truth evaluators score
   against.
 
+* ``equiv``: the pool of FFF's false-negative experiment: semantically equivalent pairs with
+  different images and different wording. A *concept* is a scene graph without geometry: the
+  ordered list of objects (colour, shape), largest first, and, with >= 2 objects, the
+  relation of object 0 to object 1 (:func:`_relation`); :func:`concept_key`. The pool
+  (:func:`concept_pool`) holds ``num_concepts`` = 300 concepts drawn by :func:`sample_scene`
+  from their own stream, a candidate rejected when one of its paraphrases (:func:`paraphrases`,
+  the 5 sentences ``captions`` shuffles) is one of a pooled concept's, also up to the order of
+  the trailing "and a ..." objects (:func:`caption_meaning`: "a blue square right of a red
+  circle" comes from two size orders; "... and a white star and a red circle" says what "...
+  and a red circle and a white star" says). So the ground truth is clean: two examples have the
+  same ``concept`` <=> the same caption set; different concepts have disjoint caption sets.
+  The seed-0 pool has 24 concepts of 1 object (all there are), 89 of 2, 100 of 3, 87 of 4.
+  Every example is a rendering of a concept (:func:`rerender`, :func:`render_textured`): new
+  positions and radii (the size order kept, so object 0 stays the largest, and the relation by
+  rejection sampling), a fill texture per object of ``shapes_fewshot.TEXTURES`` (plain,
+  striped, checkered, dotted, with a jittered colour: a nuisance no text mentions) and a
+  background shade jittered around the dark default (+-8 per channel); its ``captions`` are
+  ``captions(objs, rng)`` of the rendering, the same 5 paraphrases shuffled, so a run that
+  samples one caption per image mostly sees different wordings of one concept. Train: 20,000
+  examples, each of a uniformly drawn concept (``concept`` i.i.d. uniform on the pool). Why:
+  FFF's false negatives are different images whose captions say the same thing; a batch of 128
+  train examples holds on average C(128, 2) / 300 = 8128 / 300 = 27.1 same-concept pairs, and
+  1 - (299/300)^127 = 34.6% of its images (44 of 128) have at least one same-concept partner
+  that a contrastive loss pushes away (measured on 50 random batches of the train split: 27.9
+  pairs, 34.9%). Validation: 100 concepts x ``eval_renders`` = 5
+  renderings, test: the other 200 concepts of the pool x 5 (:func:`eval_concepts`; every
+  rendering with its own stream), so retrieval with ``scene_key='scene_id'`` (or
+  ``'concept'``) counts every rendering of the query's concept as a hit: the test measures
+  whether a model treats renderings of one concept as one thing. Features: those of 1.2.0 plus
+  ``concept`` (int64, the index in the pool; ``scene_id`` is the same number) and ``texture``
+  in ``objects``. Equivalence is defined on ``captions`` / ``caption`` only: ``description``
+  names size words and grid cells, which change between renderings. Caveat: the captions of a
+  1-object concept ("a red circle") are also true of a multi-object image whose largest object
+  is a red circle (entailment, not equivalence); the ground truth does not count that.
+  ``equiv_small`` (tests): 48 concepts, 512 / 64 / 128 examples, 4 renderings per eval concept.
+
 Prepared as ArrayRecord files and read with ``tfds.data_source`` (no network, no TF at read).
 """
 
@@ -58,6 +94,8 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
+
+from bigvl.data.builders import shapes_segmentation
 
 COLORS = {
     "red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
@@ -81,6 +119,8 @@ class ShapesConfig(tfds.core.BuilderConfig):
   dup_fraction: float = 1.0  # the fraction of train scenes that are copies (num_prototypes > 0)
   cooccur: float = 0.0  # P(the largest object's partner is in the scene); > 0: SFT fields too
   sft_noise: float = 0.0  # P(the SFT description / answer hallucinates the absent partner)
+  num_concepts: int = 0  # > 0: every example re-renders a concept of a pool this large (equiv)
+  eval_renders: int = 5  # (equiv) renderings per validation / test concept
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
@@ -103,6 +143,17 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
     raise ValueError(shape)
 
 
+#: the background colour of :func:`render` (the ``equiv`` configs jitter it).
+BACKGROUND = (15, 15, 25)
+
+
+def _crowded(x: float, y: float, objs: list[dict], rng: np.random.Generator) -> bool:
+  """Whether to reject a centre ``(x, y)``: closer than 0.3 to a placed object's centre, then
+  with probability 0.9 (a draw from ``rng`` only in that case)."""
+  return any((x - o["x"]) ** 2 + (y - o["y"]) ** 2 < 0.3 ** 2 for o in objs) \
+      and rng.random() < 0.9
+
+
 def sample_scene(rng: np.random.Generator) -> list[dict]:
   """1-4 objects with distinct (colour, shape), sorted largest first, non-overlapping centres."""
   n = int(rng.integers(1, 5))
@@ -113,9 +164,8 @@ def sample_scene(rng: np.random.Generator) -> list[dict]:
     if (c, s) in used:
       continue
     x, y = rng.uniform(0.18, 0.82, size=2)
-    if any((x - o["x"]) ** 2 + (y - o["y"]) ** 2 < 0.3 ** 2 for o in objs):
-      if rng.random() < 0.9:
-        continue
+    if _crowded(x, y, objs, rng):
+      continue
     used.add((c, s))
     objs.append({"color": c, "shape": s, "x": float(x), "y": float(y),
                  "r": float(rng.uniform(0.09, 0.17))})
@@ -138,7 +188,7 @@ def jitter_scene(objs: list[dict], rng: np.random.Generator, amount: float = 0.0
 
 def render(objs: list[dict], size: int, supersample: int = 4) -> np.ndarray:
   big = size * supersample
-  img = Image.new("RGB", (big, big), (15, 15, 25))
+  img = Image.new("RGB", (big, big), BACKGROUND)
   draw = ImageDraw.Draw(img)
   for o in objs:
     _draw(draw, o["shape"], o["x"] * big, o["y"] * big, o["r"] * big, COLORS[o["color"]])
@@ -176,11 +226,7 @@ def position_word(obj: dict) -> str:
 
 def canonical_caption(objs: list[dict]) -> str:
   """The one short caption of a scene: ``captions``' first paraphrase, before shuffling."""
-  name = [f"{o['color']} {o['shape']}" for o in objs]
-  if len(objs) == 1:
-    return f"a {name[0]}"
-  rel, _ = _relation(objs[0], objs[1])
-  return f"a {name[0]} {rel} a {name[1]}" + "".join(f" and a {n}" for n in name[2:])
+  return paraphrases(objs)[0]
 
 
 def describe(objs: list[dict]) -> str:
@@ -294,8 +340,10 @@ def vocabulary() -> list[str]:
   return sorted(words)
 
 
-def captions(objs: list[dict], rng: np.random.Generator) -> list[str]:
-  """NUM_CAPTIONS paraphrases of the scene; the largest object is always named first."""
+def paraphrases(objs: list[dict]) -> list[str]:
+  """The NUM_CAPTIONS paraphrases of the scene in a fixed order (the first is
+  :func:`canonical_caption`); the largest object is always named first. A function of the
+  concept (:func:`concept_key`) only."""
   name = [f"{o['color']} {o['shape']}" for o in objs]
   main = name[0]
   if len(objs) == 1:
@@ -311,8 +359,147 @@ def captions(objs: list[dict], rng: np.random.Generator) -> list[str]:
             f"a {name[1]} {inv} a {main}{tail}",
             f"{count} shapes: a {main} {rel} a {name[1]}{tail}",
             f"a picture of a {main} {rel} a {name[1]}{tail}"]
+  return caps
+
+
+def captions(objs: list[dict], rng: np.random.Generator) -> list[str]:
+  """NUM_CAPTIONS paraphrases of the scene (:func:`paraphrases`), shuffled by ``rng``."""
+  caps = paraphrases(objs)
   order = rng.permutation(len(caps))
   return [caps[i] for i in order][:NUM_CAPTIONS]
+
+
+# --- the equiv configs: re-renderings of a pool of concepts (module docstring) -------------
+
+#: the streams of the ``equiv`` configs (none of them is one of the other configs'):
+#: ``[seed, _POOL_STREAM]`` the concept pool, ``[seed, _EVAL_STREAM]`` the eval concepts,
+#: ``[seed, split_index, _RENDER_STREAM, i]`` train example ``i``,
+#: ``[seed, split_index, _RENDER_STREAM, concept, k]`` rendering ``k`` of an eval concept.
+_POOL_STREAM, _EVAL_STREAM, _RENDER_STREAM = 100, 101, 11
+#: an ``equiv`` background is BACKGROUND plus a uniform offset in +-this per channel.
+BACKGROUND_JITTER = 8.0
+#: the supersampling of :func:`render_textured` (odd; fine textures need more than 1).
+TEXTURE_SUPERSAMPLE = 3
+
+
+def concept_key(objs: list[dict]) -> tuple[tuple[tuple[str, str], ...], str]:
+  """The concept of a scene: ``((colour, shape) of each object, largest first), relation of
+  object 0 to object 1`` (``''`` for one object). Equal keys <=> equal :func:`paraphrases`."""
+  names = tuple((o["color"], o["shape"]) for o in objs)
+  return names, _relation(objs[0], objs[1])[0] if len(objs) >= 2 else ""
+
+
+def caption_meaning(caption: str) -> str:
+  """A caption up to the order of its trailing ``" and a <object>"`` parts (sorted): two
+  captions with the same meaning say the same thing."""
+  head, *tail = caption.split(" and a ")
+  return " and a ".join([head, *sorted(tail)])
+
+
+def concept_pool(num: int, seed: int) -> list[list[dict]]:
+  """``num`` concepts (scenes of :func:`sample_scene` from ``[seed, _POOL_STREAM]``), in
+  order of drawing; a candidate is rejected when a :func:`caption_meaning` of its
+  :func:`paraphrases` is one of a pooled concept's (so any two concepts of the pool have
+  disjoint caption sets, also up to the order of trailing objects)."""
+  rng = np.random.default_rng([seed, _POOL_STREAM])
+  pool, taken = [], set()
+  for _ in range(1000 * num):
+    if len(pool) == num:
+      return pool
+    objs = sample_scene(rng)
+    meanings = {caption_meaning(c) for c in paraphrases(objs)}
+    if not meanings & taken:
+      taken |= meanings
+      pool.append(objs)
+  if len(pool) < num:
+    raise ValueError(f"found only {len(pool)} distinct concepts, not {num}")
+  return pool
+
+
+def rerender(objs: list[dict], rng: np.random.Generator, max_tries: int = 10_000) -> list[dict]:
+  """A new rendering of the concept of ``objs`` (:func:`concept_key` unchanged).
+
+  Radii: ``len(objs)`` draws uniform in [0.09, 0.17] sorted in decreasing order, so object 0
+  stays the largest and the size order is kept. Centres: uniform in [0.18, 0.82]^2, placed in
+  order with :func:`sample_scene`'s rule (a centre closer than 0.3 to a placed one is redrawn
+  with probability 0.9); the whole placement is redrawn until object 0's relation to object 1
+  is the concept's (about 4 tries). Textures: per object, uniform of
+  ``shapes_fewshot.TEXTURES``, its fill by ``shapes_fewshot.object_fill`` (a jittered colour of
+  the name, the pattern's phase, orientation and scale). Returns dicts with ``color``,
+  ``shape``, ``x``, ``y``, ``r``, ``texture`` and ``fill`` (for :func:`render_textured`).
+  """
+  from bigvl.data.builders import shapes_fewshot  # it imports this module: not at the top
+
+  n = len(objs)
+  want = concept_key(objs)[1]
+  for _ in range(max_tries):
+    radii = np.sort(rng.uniform(0.09, 0.17, size=n))[::-1]
+    placed: list[dict] = []
+    while len(placed) < n:
+      x, y = rng.uniform(0.18, 0.82, size=2)
+      if not _crowded(x, y, placed, rng):
+        placed.append({"x": float(x), "y": float(y)})
+    if n < 2 or _relation(placed[0], placed[1])[0] == want:
+      break
+  else:
+    raise RuntimeError(f"no placement with the relation {want!r} in {max_tries} tries")
+  out = []
+  for o, at, r in zip(objs, placed, radii, strict=True):
+    texture = shapes_fewshot.TEXTURES[int(rng.integers(len(shapes_fewshot.TEXTURES)))]
+    out.append({"color": o["color"], "shape": o["shape"], **at, "r": float(r),
+                "texture": texture,
+                "fill": shapes_fewshot.object_fill(o["color"], texture, rng)})
+  return out
+
+
+def equiv_background(rng: np.random.Generator) -> tuple[float, float, float]:
+  """An ``equiv`` background colour: BACKGROUND + uniform(-BACKGROUND_JITTER,
+  BACKGROUND_JITTER) per channel (RGB floats)."""
+  jitter = rng.uniform(-BACKGROUND_JITTER, BACKGROUND_JITTER, size=3)
+  return tuple(float(c + j) for c, j in zip(BACKGROUND, jitter, strict=True))
+
+
+def render_textured(objs: list[dict], size: int, background: tuple[float, float, float],
+                    supersample: int = TEXTURE_SUPERSAMPLE) -> np.ndarray:
+  """The uint8 image ``[size, size, 3]`` of :func:`rerender` objects (each with its ``fill``)
+  on a flat ``background``: ``shapes_segmentation.render_scene``, upright shapes (a square's
+  half side 0.85 r, an equilateral triangle), drawn in order (smaller on top). A pure
+  function."""
+  scene = {"background": {"kind": "flat", "colors": (background, background)},
+           "objects": [{"shape": o["shape"], "x": o["x"], "y": o["y"], "r": o["r"],
+                        "angle": 0.0, "fill": o["fill"]} for o in objs]}
+  return shapes_segmentation.render_scene(scene, size, supersample)[0]
+
+
+def eval_concepts(cfg: ShapesConfig) -> dict[str, list[int]]:
+  """The pool indices of the validation and test concepts of an ``equiv`` config: a
+  permutation of the pool from ``[seed, _EVAL_STREAM]``, the first ``num_val / eval_renders``
+  for validation, the next ``num_test / eval_renders`` for test (disjoint)."""
+  r = cfg.eval_renders
+  if r < 1 or cfg.num_val % r or cfg.num_test % r:
+    raise ValueError(f"num_val={cfg.num_val} and num_test={cfg.num_test} must be multiples "
+                     f"of eval_renders={r}")
+  n_val, n_test = cfg.num_val // r, cfg.num_test // r
+  if n_val + n_test > cfg.num_concepts:
+    raise ValueError(f"{n_val} + {n_test} eval concepts do not fit a pool of "
+                     f"{cfg.num_concepts}")
+  order = [int(c) for c in np.random.default_rng([cfg.seed, _EVAL_STREAM]).permutation(
+      cfg.num_concepts)]
+  return {"validation": order[:n_val], "test": order[n_val:n_val + n_test]}
+
+
+def equiv_example(concept: list[dict], index: int, rng: np.random.Generator,
+                  size: int) -> dict:
+  """An ``equiv`` example: a rendering of ``concept`` (pool index ``index``), all drawn from
+  ``rng``: :func:`rerender`, :func:`equiv_background`, then ``captions``' shuffle."""
+  objs = rerender(concept, rng)
+  image = render_textured(objs, size, equiv_background(rng))
+  return {"image": image,
+          "captions": captions(objs, rng),
+          "label": CLASS_NAMES.index(f"{objs[0]['color']} {objs[0]['shape']}"),
+          "scene_id": index, "concept": index,
+          "caption": canonical_caption(objs), "description": describe(objs),
+          "objects": {**scene_graph(objs), "texture": [o["texture"] for o in objs]}}
 
 
 class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
@@ -324,7 +511,8 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "First release.",
                    "1.1.0": "dups: 100 prototypes for half of the train scenes; clean eval splits.",
                    "1.2.0": "caption, description and objects (the scene graph); the 1.1.0 "
-                            "fields are unchanged."}
+                            "fields are unchanged. Later, new configs only (the others' "
+                            "examples unchanged): equiv, equiv_small (concepts re-rendered)."}
 
   def __init__(self, **kwargs):
     super().__init__(**kwargs)
@@ -332,6 +520,9 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
     # newer code that changed them. Here every version is generated by this code (branching on
     # ``self.version``, tested bitwise against 1.1.0), so the requested version is canonical.
     self.__dict__["canonical_version"] = self.version  # the functools.cached_property's slot
+    if self.builder_config.num_concepts > 0 and not self._has_scene_graph:
+      raise ValueError(f"config {self.builder_config.name!r} needs version >= 1.2.0, got "
+                       f"{self.version}")
 
   @property
   def _has_scene_graph(self) -> bool:
@@ -341,6 +532,10 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
   def _has_sft(self) -> bool:
     """Whether the config has the SFT fields (``cooccur > 0``: ``cooc``)."""
     return self._has_scene_graph and self.builder_config.cooccur > 0
+  @property
+  def _has_equiv(self) -> bool:
+    """Whether the config re-renders a concept pool (``num_concepts > 0``: ``equiv``)."""
+    return self._has_scene_graph and self.builder_config.num_concepts > 0
 
   BUILDER_CONFIGS = [
       ShapesConfig(name="default", description="independent random scenes"),
@@ -353,6 +548,11 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
                    sft_noise=0.3),
       ShapesConfig(name="cooc_small", description="a small cooc for tests", num_train=512,
                    num_val=64, num_test=128, cooccur=0.7, sft_noise=0.3),
+      ShapesConfig(name="equiv", description="re-renderings of a pool of 300 concepts: "
+                   "equivalent pairs (FFF's false negatives)", num_train=20_000, num_val=500,
+                   num_test=1_000, num_concepts=300, eval_renders=5),
+      ShapesConfig(name="equiv_small", description="a small equiv for tests", num_train=512,
+                   num_val=64, num_test=128, num_concepts=48, eval_renders=4),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -365,13 +565,17 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
     }
     if self._has_scene_graph:
       text = tfds.features.Text()
+      objects = {"color": text, "shape": text, "size": text, "x": np.float32, "y": np.float32,
+                 "r": np.float32}
+      if self._has_equiv:
+        objects["texture"] = text
       features.update({
           "caption": text,
           "description": text,
-          "objects": tfds.features.Sequence({"color": text, "shape": text, "size": text,
-                                             "x": np.float32, "y": np.float32,
-                                             "r": np.float32}),
+          "objects": tfds.features.Sequence(objects),
       })
+    if self._has_equiv:
+      features["concept"] = np.int64
     if self._has_sft:
       features.update({k: tfds.features.Text() for k in SFT_FIELDS})
     return tfds.core.DatasetInfo(
@@ -388,6 +592,9 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
             "test": self._generate_examples("test", cfg.num_test, 2)}
 
   def _generate_examples(self, split: str, n: int, split_index: int):
+    if self._has_equiv:
+      yield from self._generate_equiv(split, n, split_index)
+      return
     cfg = self.builder_config
     rng = np.random.default_rng([cfg.seed, split_index])
     protos = None
@@ -414,3 +621,20 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
       if self._has_sft:
         example.update(sft_fields(objs, srng, cfg.sft_noise))
       yield i, example
+
+  def _generate_equiv(self, split: str, n: int, split_index: int):
+    """The ``equiv`` examples (module docstring): train example ``i`` draws its concept and
+    rendering from ``[seed, 0, _RENDER_STREAM, i]``; eval example ``i`` is rendering ``k = i %
+    eval_renders`` of concept ``eval_concepts(cfg)[split][i // eval_renders]``, drawn from
+    ``[seed, split_index, _RENDER_STREAM, concept, k]``."""
+    cfg = self.builder_config
+    pool = concept_pool(cfg.num_concepts, cfg.seed)
+    concepts = None if split == "train" else eval_concepts(cfg)[split]
+    for i in range(n):
+      if concepts is None:
+        rng = np.random.default_rng([cfg.seed, split_index, _RENDER_STREAM, i])
+        c = int(rng.integers(len(pool)))
+      else:
+        c, k = concepts[i // cfg.eval_renders], i % cfg.eval_renders
+        rng = np.random.default_rng([cfg.seed, split_index, _RENDER_STREAM, c, k])
+      yield i, equiv_example(pool[c], c, rng, cfg.image_size)

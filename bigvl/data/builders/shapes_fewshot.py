@@ -163,9 +163,10 @@ def _grating(rng: np.random.Generator, lo: float, hi: float) -> dict[str, float]
           "phase": float(rng.uniform(0, 2 * math.pi))}
 
 
-def _object_fill(colour: str, texture: str, rng: np.random.Generator) -> dict:
-  """The object's fill: ``texture``'s pattern between the jittered colour and a darker shade
-  of it. A fixed number of draws whatever the texture."""
+def object_fill(colour: str, texture: str, rng: np.random.Generator) -> dict:
+  """The object's fill (a ``shapes_segmentation.render_scene`` fill): ``texture``'s pattern
+  between the jittered colour and a darker shade of it. A fixed number of draws whatever the
+  texture. Also the fills of ``shapes_captions``' ``equiv`` configs."""
   c0 = object_color(colour, rng)
   c1 = tuple(c * rng.uniform(0.35, 0.5) for c in c0)
   waves = {"stripes": _grating(rng, 7.0, 11.0), "checker": _grating(rng, 4.0, 6.0),
@@ -210,7 +211,7 @@ def sample_object(label: int, rng: np.random.Generator) -> dict:
   r = float(rng.uniform(*RADIUS))
   x, y = (float(v) for v in rng.uniform(MARGIN * r, 1 - MARGIN * r, size=2))
   obj = {"shape": shape, "x": x, "y": y, "r": r, "angle": float(rng.uniform(0, 2 * math.pi)),
-         "fill": _object_fill(colour, texture, rng)}
+         "fill": object_fill(colour, texture, rng)}
   return {"scene": {"background": background, "objects": [obj]},
           "noise_sigma": float(rng.uniform(2.0, 6.0)),
           "noise_seed": int(rng.integers(2**31))}
