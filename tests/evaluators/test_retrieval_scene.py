@@ -35,3 +35,36 @@ def test_duplicate_scene_is_a_hit():
   # A caption of another scene ranked first is still a miss.
   sc = scene_recall_at_k(zimg, ztxt, np.array([5, 6, 9]), (1,))
   assert sc["i2t_scene_R@1"] == 1 / 3
+
+
+def test_average_precision_matches_sklearn():
+  from sklearn.metrics import average_precision_score
+
+  from bigvl.evaluators.retrieval import average_precision
+
+  rng = np.random.default_rng(1)
+  scores = rng.normal(size=(30, 40))
+  relevant = rng.random((30, 40)) < 0.2
+  relevant[:, 0] = True  # every query has a relevant item
+  ours = average_precision(scores, relevant)
+  ref = [average_precision_score(relevant[q], scores[q]) for q in range(30)]
+  np.testing.assert_allclose(ours, ref, rtol=1e-12)
+
+
+def test_scene_map_rewards_ranking_every_equivalent_item():
+  # Scene 0 has images 0, 1 (one caption each); scene 1 has image 2. Caption 0 ranks both
+  # scene-0 images first: AP 1. If image 2 outranks image 1 for caption 0, AP = (1 + 2/3) / 2.
+  e = np.eye(3)
+  zimg = np.stack([e[0], _unit(e[0] + 0.2 * e[1]), e[2]])
+  ztxt = _unit(np.stack([[e[0]], [e[0] + 0.1 * e[1]], [e[2]]]))
+  out = scene_recall_at_k(zimg, ztxt, np.array([0, 0, 1]), (1,))
+  assert out["t2i_scene_mAP"] == 1.0
+  zimg_bad = np.stack([e[0], _unit(e[1] + 0.3 * e[0]), _unit(e[2] + 0.5 * e[0])])
+  sims = zimg_bad @ ztxt.reshape(3, -1).T
+  assert sims[2, 0] > sims[1, 0]  # image 2 outranks image 1 for caption 0
+  out = scene_recall_at_k(zimg_bad, ztxt, np.array([0, 0, 1]), (1,))
+  from bigvl.evaluators.retrieval import average_precision
+
+  same = np.array([0, 0, 1])[:, None] == np.array([0, 0, 1])[None, :]
+  assert average_precision(sims.T, same.T)[0] == (1 + 2 / 3) / 2
+  assert out["t2i_scene_mAP"] < 1.0

@@ -99,3 +99,28 @@ def test_traced_thresholds_under_jit():
   fn = jax.jit(lambda a, c, o, thr: mine_positives(a, c, o, thr_ii=thr, thr_tt=thr).num_mined)
   assert int(fn(img, txt, owners, jnp.float32(0.95))) == 7
   assert int(fn(img, txt, owners, jnp.float32(0.85))) == 7 + 6  # + the ii and tt decoys
+
+
+def test_group_positives_and_quality():
+  from bigvl.losses.mining import group_positives, mining_quality, owner_mask, same_group
+
+  groups = jnp.array([3, 7, 3, 5, 7], jnp.int32)
+  owners = jnp.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, -1], jnp.int32)  # K = 2, one orphan
+  truth = np.asarray(same_group(groups, owners))
+  g = np.asarray(groups)
+  o = np.asarray(owners)
+  ref = np.array([[o[j] >= 0 and g[i] == g[o[j]] for j in range(len(o))] for i in range(5)])
+  np.testing.assert_array_equal(truth, ref)
+  res = group_positives(groups, owners)
+  base = np.asarray(owner_mask(5, owners)[0])
+  np.testing.assert_array_equal(np.asarray(res.positives) > 0, ref | base)
+  # pairs 0~2 and 1~4, two texts each way: 8 mined pairs
+  assert int(res.num_mined) == 8
+  # A miner that finds half the true pairs plus two false ones: precision 4/6, recall 4/8.
+  extra = ref & ~base
+  found = np.zeros_like(extra)
+  found[0, 4:6] = True   # image 0 <- texts of image 2 (true)
+  found[1, 8:10] = True  # image 1 <- texts of image 4 (true)
+  found[3, 0:2] = True   # image 3 <- texts of image 0 (false)
+  p, r = mining_quality(jnp.asarray(found), jnp.asarray(ref), jnp.asarray(base))
+  assert abs(float(p) - 4 / 6) < 1e-6 and abs(float(r) - 4 / 8) < 1e-6

@@ -60,3 +60,21 @@ def test_dropout_acts_in_train_mode_only():
   np.testing.assert_allclose(ev, plain.apply(variables, x, train=False), rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(ev, model.apply(variables, x, train=False,
                                                 rngs={"dropout": jax.random.key(5)}))
+
+
+def test_stage_dropout_after_inner_downsampling_stages_only():
+  """``stage_dropout`` adds no parameters, acts in train mode only, and only after stages
+  ``1 .. stages - 2``: a 2-stage net has no such stage, so its train-mode logits do not
+  depend on the dropout rng; a 3-stage net's do."""
+  x = jax.random.normal(jax.random.key(2), (4, 8, 8, 1))
+  for stages, acts in ((2, False), (3, True)):
+    model = SmallCNN(num_classes=5, width=8, stages=stages, stage_dropout=0.5)
+    plain = SmallCNN(num_classes=5, width=8, stages=stages)
+    variables = model.init(jax.random.key(0), x, train=False)
+    assert jax.tree.structure(variables) == jax.tree.structure(
+        plain.init(jax.random.key(0), x, train=False))
+    a, b = (model.apply(variables, x, train=True, mutable=["batch_stats"],
+                        rngs={"dropout": jax.random.key(k)})[0] for k in (1, 2))
+    assert (np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3) == acts
+    np.testing.assert_allclose(model.apply(variables, x, train=False),
+                               plain.apply(variables, x, train=False), rtol=1e-6, atol=1e-6)

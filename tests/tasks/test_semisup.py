@@ -534,3 +534,42 @@ def test_config_errors():
   base = load_sibling(os.path.join(REPO, "configs", "x.py"), "semisup_base")
   with pytest.raises(ConfigError, match="not an experiment"):
     base.get_config("tiny")
+
+
+def test_input_noise_is_gaussian_per_view_and_absent_by_default():
+  """``input.noise_std = s``: the model sees ``normalised + s N(0, 1)``, a fresh draw for the
+  labeled batch and each view (recorded from the forward's input); ``s = 0``: exactly the
+  normalised images."""
+  s = 0.5
+  seen = []
+  for std in (0.0, s):
+    setup = _Setup("pi_model", **{"input.noise_std": std})
+    apply = setup.task._apply
+    setup.task._apply = lambda p, b, x, r, u=True, apply=apply: (seen.append(x), apply(
+        p, b, x, r, u))[1]
+    setup.task.ctx = setup.task.ctx._replace(apply=setup.task._apply)
+    with jax.disable_jit():  # the recorded inputs are concrete
+      setup.task.loss(setup.params, setup.state, setup.batch, jax.random.PRNGKey(1),
+                      jnp.int32(0))
+    clean = np.concatenate([_normalise(im) for im in setup.images])
+    got = np.asarray(seen.pop())
+    if std == 0.0:
+      np.testing.assert_allclose(got, clean, rtol=1e-6, atol=1e-6)
+      continue
+    noise = (got - clean).reshape(len(setup.images), -1)
+    assert abs(noise.mean()) < 0.05 and abs(noise.std() - s) < 0.05
+    # independent draws per input: views' noises are uncorrelated
+    corr = np.corrcoef(noise)
+    assert np.abs(corr[np.triu_indices(len(noise), 1)]).max() < 0.2
+
+
+def test_papers_perturbations_config_arg():
+  c = load_sibling(os.path.join(REPO, "configs", "x.py"), "semisup_mnist")
+  for arg, want in (("mean_teacher,tiny", 0.15), ("supervised,tiny", None),
+                    ("supervised,tiny,perturb=paper", 0.15),
+                    ("temporal_ensembling,tiny,perturb=weak", None)):
+    cfg = c.get_config(arg)
+    assert cfg.input.get("noise_std") == want, arg
+    assert cfg.model.get("stage_dropout") == (0.5 if want else None), arg
+  with pytest.raises(ConfigError, match="perturb"):
+    c.get_config("supervised,tiny,perturb=strong")

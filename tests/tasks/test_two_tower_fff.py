@@ -305,3 +305,35 @@ def test_a_new_loss_variant_is_one_unit(shapes_data_dir, monkeypatch):
   with pytest.raises(ConfigError, match="max_per_image .* sigmoid/doubled takes the mask"):
     train.build(_config(shapes_data_dir, **{"loss.impl": "doubled", **MINE,
                                             "loss.mining.max_per_image": 2}))
+
+
+@pytest.mark.parametrize("impl", ["dense", "ring"])
+def test_oracle_mining_marks_exactly_the_same_group_pairs(shapes_data_dir, impl):
+  """``loss.mining.source='groups'`` with ``input.group_key``: the batch carries each example's
+  group; the mined pairs are exactly the other images of the same group (each with its K
+  captions), precision and recall against the truth are 1, and the dense loss equals the
+  sigmoid loss with ``P = base or same group``. Here the group is ``label`` (the largest
+  object), so a batch of 16 has several same-group pairs."""
+  c = _config(shapes_data_dir, **MESH, **{"loss.impl": impl, "input.group_key": "label"})
+  c.loss.mining = {"source": "groups"}
+  run, params, state, batch = _setup(c)
+  g = np.asarray(parallel.to_host(batch["group"]))
+  same = (g[:, None] == g[None, :]) & ~np.eye(16, dtype=bool)
+  assert same.sum() > 0
+  [(loss, aux)] = _forward(c, batch)
+  assert aux["mined_positives"] == 2 * same.sum()  # K = 2 captions per mined image
+  assert aux["true_extra_per_image"] == pytest.approx(2 * same.sum() / 16)
+  assert aux["mined_precision"] == 1.0 and aux["mined_recall"] == 1.0
+  if impl == "dense":
+    tokens = batch["tokens"].reshape(32, -1)
+    zimg, ztxt, t, b = run.task.model.apply({"params": params}, batch["image"], tokens)
+    positives = np.repeat(same | np.eye(16, dtype=bool), 2, axis=1).astype(np.float32)
+    want = contrastive.sigmoid_loss(zimg, ztxt, t, b, positives=jnp.asarray(positives))
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+def test_groups_mining_needs_a_group_key(shapes_data_dir):
+  c = _config(shapes_data_dir)
+  c.loss.mining = {"source": "groups"}
+  with pytest.raises(ConfigError, match="group_key"):
+    train.build(c)
