@@ -10,8 +10,10 @@ train images (i.i.d. draws from the concept pool, so same-concept pairs are as r
 training batch) and their 5 captions each, this prints, per threshold, the precision and
 recall of each test over the pairs of *different* images, and the expected mined pairs per
 image in a batch of 128, then the threshold each test gets: the lowest one (the most recall)
-whose precision is at least ``--min_precision``. The teacher's embeddings are the model's
-stop-gradient ones, as in training. ``--json`` writes the table's numbers.
+whose precision is at least ``--min_precision``; and the mean cosine of same-concept and of
+different-concept pairs (how crowded the embedding space is). Any finished two-tower run of
+``equiv`` can be given (a student too: how its embeddings separate concepts). The teacher's
+embeddings are the model's stop-gradient ones, as in training. ``--json``: the numbers.
 """
 
 from __future__ import annotations
@@ -74,16 +76,26 @@ def main() -> None:
   same = concept[:, None] == concept[None, :]
   other = ~np.eye(n, dtype=bool)
 
-  ii = pair_stats(zimg @ zimg.T, same, other, THRESHOLDS)
+  sims_ii = zimg @ zimg.T
+  ii = pair_stats(sims_ii, same, other, THRESHOLDS)
   flat = ztxt.reshape(n * c, -1)
   owner = np.repeat(np.arange(n), c)
-  tt = pair_stats(flat @ flat.T, same[owner][:, owner], owner[:, None] != owner[None, :],
-                  THRESHOLDS)
+  sims_tt, same_tt = flat @ flat.T, same[owner][:, owner]
+  other_tt = owner[:, None] != owner[None, :]
+  tt = pair_stats(sims_tt, same_tt, other_tt, THRESHOLDS)
+  # How crowded the space is: mean cosine of pairs of the same / of different concepts.
+  spread = {"ii_same": float(sims_ii[same & other].mean()),
+            "ii_diff": float(sims_ii[~same].mean()),
+            "tt_same": float(sims_tt[same_tt & other_tt].mean()),
+            "tt_diff": float(sims_tt[~same_tt].mean())}
   per_image = (args.batch - 1) / (n - 1)  # pairs of one image in a batch / in the sample
   true_pairs = float(np.sum(same & other))
   print(f"teacher {args.teacher} (step {step}); {n} train images of {len(set(concept))} "
         f"concepts, {c} captions each; same-concept partners per image in a batch of "
         f"{args.batch}: {true_pairs / n * per_image:.2f}\n")
+  print("mean cosine, same concept / different concepts: images "
+        f"{spread['ii_same']:.3f} / {spread['ii_diff']:.3f}, captions {spread['tt_same']:.3f} / "
+        f"{spread['tt_diff']:.3f}\n")
   print("| thr | ii precision | ii recall | ii mined / image | tt precision | tt recall |")
   print("|---:|---:|---:|---:|---:|---:|")
   for a, b in zip(ii, tt, strict=True):
@@ -101,7 +113,7 @@ def main() -> None:
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"teacher": args.teacher, "step": step, "num": n, "ii": ii, "tt": tt,
-                 "chosen": chosen}, f, indent=1)
+                 "chosen": chosen, "mean_cos": spread}, f, indent=1)
 
 
 if __name__ == "__main__":
