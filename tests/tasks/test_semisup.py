@@ -29,11 +29,12 @@ MEAN, STD = 0.3, 0.4  # the tiny config's normalisation (0..1 pixel units)
 B = 8  # labeled batch; mu = 1
 
 
-def tiny_ssl_config(method, **overrides):
-  """``configs/semisup_mnist.py:<method>,tiny`` shrunk to seconds: 8x8 digits, batch 8,
-  a 2-stage width-4 SmallCNN, mu 1."""
+def tiny_ssl_config(method, perturb="weak", **overrides):
+  """``configs/semisup_mnist.py:<method>,tiny,perturb=<perturb>`` shrunk to seconds: 8x8
+  digits, batch 8, a 2-stage width-4 SmallCNN, mu 1. ``weak`` (default): no input noise or
+  dropout, so the references below see the inputs the task normalises."""
   c = load_sibling(os.path.join(REPO, "configs", "x.py"), "semisup_mnist").get_config(
-      f"{method},tiny")
+      f"{method},tiny,perturb={perturb}")
   c.input.dataset = "embedded:digits8x8"
   c.input.mean, c.input.std = (MEAN,), (STD,)
   c.input.batch_size = B
@@ -86,8 +87,9 @@ class _Setup:
   classifier's kernel scaled by ``head_scale`` (confident, far-apart predictions) and its
   jitted loss."""
 
-  def __init__(self, method, head_scale=1.0, **overrides):
-    self.task = train.build(tiny_ssl_config(method, **overrides), devices=jax.devices()[:1]).task
+  def __init__(self, method, head_scale=1.0, perturb="weak", **overrides):
+    self.task = train.build(tiny_ssl_config(method, perturb, **overrides),
+                            devices=jax.devices()[:1]).task
     self.batch = next(self.task.train_data(0))
     self.params, self.state = parallel.unbox(self.task.init(jax.random.PRNGKey(0), self.batch))
     head = {**self.params["head"], "kernel": head_scale * self.params["head"]["kernel"]}
@@ -309,7 +311,8 @@ def _changed(a, b):
 @pytest.mark.parametrize("method", list(semisup_methods.METHODS))
 def test_each_method_takes_a_sharded_step(method):
   assert jax.device_count() == 8
-  run, before, after, aux = _one_step(tiny_ssl_config(method))
+  # perturb=auto: the Pi-model, TE and Mean Teacher with their papers' input noise.
+  run, before, after, aux = _one_step(tiny_ssl_config(method, perturb="auto"))
   assert dict(run.mesh.shape)["data"] == 8
   assert np.isfinite(aux["loss"]) and aux["skipped_steps"] == 0, aux
   assert int(after["step"]) == 1
@@ -543,7 +546,7 @@ def test_input_noise_is_gaussian_per_view_and_absent_by_default():
   s = 0.5
   seen = []
   for std in (0.0, s):
-    setup = _Setup("pi_model", **{"input.noise_std": std})
+    setup = _Setup("pi_model", perturb="paper", **{"input.noise_std": std})
     apply = setup.task._apply
     setup.task._apply = lambda p, b, x, r, u=True, apply=apply: (seen.append(x), apply(
         p, b, x, r, u))[1]
