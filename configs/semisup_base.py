@@ -86,6 +86,10 @@ def tfds_benchmark(arg, *, dataset, flip, mean, std):
   """The CIFAR-10 / SVHN benchmark config (WRN-28-2, labeled batch 64, 2^20 steps); ``tiny``
   swaps in SmallCNN for a 200-step CPU smoke run."""
   a = parse(arg or "")
+  if a.perturb != "auto":
+    raise ConfigError("config arg perturb is a knob of configs/semisup_mnist.py (the papers' "
+                      "digit perturbations); the CIFAR-10 / SVHN configs keep each method's "
+                      "own augmentation")
   num_labels = 250 if "num_labels=" not in (arg or "") else a.num_labels
   steps = a.steps or (200 if a.tiny else 2**20)
   c = base(a.method, dataset=dataset, num_labels=num_labels, total_steps=steps,

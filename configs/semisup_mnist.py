@@ -12,6 +12,8 @@ Gaussian input noise 0.15, dropout 0.5 after the downsampling stages), ``weak`` 
 augmentation alone (translations of up to 12.5%); ``auto`` (default) is ``paper`` for the
 Pi-model, Temporal Ensembling and Mean Teacher and ``weak`` for the others (each method with
 its own paper's). ``supervised,perturb=paper`` is the baseline with the same perturbations.
+Without ``tiny`` (WRN-28-2, which has no pooling stages to put dropout after) ``paper`` sets the
+translations and the noise only.
 Without ``tiny``: WRN-28-2 and the FixMatch optimizer, sized for an accelerator.
 
 The parts shared with ``semisup_cifar10.py`` and ``semisup_svhn.py`` are in
@@ -45,6 +47,9 @@ def get_config(arg=None):
   # MNIST value) is ~6.5 after dividing by MNIST's std 0.31.
   if a.method == "vat":
     c.semisup.eps = 6.5
+  if perturb == "paper":  # WRN-28-2 (no pooling stages) gets the translations and noise only
+    c.input.max_translate = PAPER_PERTURB["max_translate"]
+    c.input.noise_std = PAPER_PERTURB["noise_std"]
   if tiny:
     # 4 stages: a 17-pixel receptive field before the pooling (3 stages see only 9x9 patches
     # of a 28x28 digit).
@@ -52,8 +57,6 @@ def get_config(arg=None):
                               "bn_momentum": 0.99})
     c.input.num_threads = 1
     if perturb == "paper":
-      c.input.max_translate = PAPER_PERTURB["max_translate"]
-      c.input.noise_std = PAPER_PERTURB["noise_std"]
       c.model.stage_dropout = PAPER_PERTURB["stage_dropout"]
     if "mu" in c.semisup:
       c.semisup.mu = min(c.semisup.mu, TINY_MAX_MU)

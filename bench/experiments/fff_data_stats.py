@@ -1,6 +1,6 @@
 """How flawed ``shapes_captions/dups`` batches are: false-negative pairs per batch of 128.
 
-  python bench/experiments/fff_data_stats.py [--batches 50] [--batch 128]
+  python bench/experiments/fff_data_stats.py [--batches 50] [--batch 128] [--dataset D]
 
 Counts, over random train batches, the pairs of images of the same scene (jittered copies of one
 prototype), how many of those share a caption, and the pairs of *different* scenes with an
@@ -27,8 +27,11 @@ def main() -> None:
   ap.add_argument("--batches", type=int, default=50)
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--data_dir", default=None)
+  ap.add_argument("--dataset", default="shapes_captions/dups",
+                  help="shapes_captions/equiv: scene_id is the concept, so same-scene pairs "
+                       "are the equivalent pairs")
   args = ap.parse_args()
-  train, _ = sources.get_source("shapes_captions/dups", "train", args.data_dir)
+  train, _ = sources.get_source(args.dataset, "train", args.data_dir)
   n = len(train)
   scene = np.array([train[i]["scene_id"] for i in range(n)])
   caps = [frozenset(train[i]["captions"]) for i in range(n)]
@@ -43,7 +46,7 @@ def main() -> None:
     same.append(is_same.sum() / 2)
     same_cap.append((is_same & share).sum() / 2)
     other_cap.append((~is_same & share).sum() / 2)
-  test, _ = sources.get_source("shapes_captions/dups", "test", args.data_dir)
+  test, _ = sources.get_source(args.dataset, "test", args.data_dir)
   tcaps = [frozenset(test[i]["captions"]) for i in range(len(test))]
   count = collections.Counter(c for cs in tcaps for c in cs)
   unique = np.mean([all(count[c] == 1 for c in cs) for cs in tcaps])

@@ -83,7 +83,6 @@ CURVE_KEYS = ("sup_loss", "unsup_loss", "w_u", "acc", "u_acc")
 def read_curve(workdir: str) -> dict[str, list]:
   """``{'step': [...], 'sup_loss': [...], ...}`` from the run's ``metrics.jsonl`` (the
   training rows; keys a method does not log are left out)."""
-  rows = []
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   rows = [r for r in rows if "sup_loss" in r]

@@ -576,3 +576,9 @@ def test_papers_perturbations_config_arg():
     assert cfg.model.get("stage_dropout") == (0.5 if want else None), arg
   with pytest.raises(ConfigError, match="perturb"):
     c.get_config("supervised,tiny,perturb=strong")
+  full = c.get_config("mean_teacher")  # WRN-28-2: translations and noise, no stage dropout
+  assert full.input.noise_std == 0.15 and full.input.max_translate == 2 / 28
+  assert "stage_dropout" not in full.model
+  cifar = load_sibling(os.path.join(REPO, "configs", "x.py"), "semisup_cifar10")
+  with pytest.raises(ConfigError, match="perturb"):
+    cifar.get_config("mean_teacher,perturb=paper")
