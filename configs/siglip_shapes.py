@@ -3,15 +3,20 @@
   python -m bigvl.main --config configs/siglip_shapes.py:tiny --workdir /tmp/bigvl/siglip
 
 ``:tiny`` finishes on a 2-core CPU in minutes; no arg is a GPU/TPU-sized run of the same.
+``:size=s16`` / ``:size=b16`` are the SigLIP paper's ViT-S/16 and ViT-B/16 shapes at 224 px
+(text: context 64, a 32,000-token table) that ``bench/`` measures.
 """
 
 import ml_collections as mlc
 
-from bigvl.config import parse_arg
+from bigvl.config import ConfigError, parse_arg
+
+#: ``size=`` -> (width, depth, heads) of both towers (SigLIP, Zhai et al. 2023, Table 1).
+SIZES = {"s16": (384, 12, 6), "b16": (768, 12, 12)}
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, tiny=False)
+  a = parse_arg(arg, tiny=False, size="")
   c = mlc.ConfigDict()
   c.task = "two_tower"
   c.seed = 0
@@ -39,6 +44,15 @@ def get_config(arg=None):
   c.model.image = dict(patch_size=4, width=width, depth=depth, num_heads=4,
                        mlp_dim=4 * width, pool="gap")
   c.model.text = dict(width=width, depth=depth, num_heads=4, mlp_dim=4 * width, pool="eos")
+  if a.size in SIZES:  # the paper's towers at 224 px
+    width, depth, heads = SIZES[a.size]
+    c.input.image_size = 224
+    c.input.max_len = 64
+    tower = dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width)
+    c.model.image = dict(patch_size=16, pool="gap", **tower)
+    c.model.text = dict(pool="eos", vocab_size=32_000, **tower)
+  elif a.size:
+    raise ConfigError(f"config arg size={a.size!r}: choose from {', '.join(SIZES)}")
   c.model.embed_dim = width
   c.model.temperature_init = 10.0  # t' = log 10
   c.model.bias_init = -10.0

@@ -36,15 +36,9 @@ import jax.numpy as jnp
 from bigvl.models import logical, splice
 from bigvl.models.lora import LoraConfig, Projection
 from bigvl.models.soft_prompt import SoftPrompt, SoftPromptSpec
+from bigvl.models.transformer import REMAT_POLICIES, remat_block
 
 Cache = dict[str, jax.Array]
-#: remat policies by config name (``config.model.remat``).
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,12 +176,8 @@ class DecoderLayer(nn.Module):
 
 
 def _scanned_layers(config: LLMConfig) -> type[nn.Module]:
-  layer = DecoderLayer
-  policy = REMAT_POLICIES[config.remat]
-  if config.remat != "none":
-    layer = nn.remat(layer, policy=policy, prevent_cse=False)
-  return nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True,
-                                                                   "dropout": True},
+  return nn.scan(remat_block(DecoderLayer, config.remat), variable_axes={"params": 0},
+                 split_rngs={"params": True, "dropout": True},
                  in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=config.depth,
                  metadata_params={nn.PARTITION_NAME: "layers"})
 

@@ -28,9 +28,12 @@ def named(init: Initializer, *names: str | None) -> Initializer:
 
 
 def dense(features: int, names: tuple[str | None, str | None], *, name: str, dtype: Any = None,
-          kernel_init: Initializer = DEFAULT_KERNEL_INIT, use_bias: bool = True) -> nn.Dense:
-  """``nn.Dense`` whose ``[in, out]`` kernel is named ``names`` and bias ``names[1:]``."""
-  return nn.Dense(features, dtype=dtype, use_bias=use_bias, name=name,
+          kernel_init: Initializer = DEFAULT_KERNEL_INIT, use_bias: bool = True,
+          dot_general: Callable[..., Any] | None = None) -> nn.Dense:
+  """``nn.Dense`` whose ``[in, out]`` kernel is named ``names`` and bias ``names[1:]``
+  (``dot_general``: e.g. ``bigvl.models.matmul.dot_general``; default ``lax.dot_general``)."""
+  extra = {} if dot_general is None else {"dot_general": dot_general}
+  return nn.Dense(features, dtype=dtype, use_bias=use_bias, name=name, **extra,
                   kernel_init=named(kernel_init, *names),
                   bias_init=named(nn.initializers.zeros_init(), names[1]))
 

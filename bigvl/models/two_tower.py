@@ -59,8 +59,13 @@ def from_config(cfg, *, vocab_size: int, max_len: int) -> TwoTower:
 
   m = TwoTower
   image, text = cfg.image.to_dict(), cfg.text.to_dict()
-  # Round the embedding table up so that it shards evenly over any mesh axis.
-  text.update(vocab_size=-(-vocab_size // 64) * 64, max_len=max_len)
+  # ``text.vocab_size`` may reserve a larger table than the tokenizer needs (a public
+  # model's, a benchmark's); it is rounded up so that it shards evenly over any mesh axis.
+  table = text.get("vocab_size", vocab_size)
+  if not isinstance(table, int) or table < vocab_size:
+    raise ConfigError(f"config.model.text.vocab_size={table!r} must be an int >= the "
+                      f"tokenizer's {vocab_size} tokens")
+  text.update(vocab_size=-(-table // 64) * 64, max_len=max_len)
   for name, fields, cls in (("image", image, ViT), ("text", text, TextTransformer)):
     unknown = set(fields) - set(cls.__dataclass_fields__) - {"parent", "name"}
     if unknown:

@@ -22,9 +22,37 @@ import jax
 import jax.numpy as jnp
 
 from bigvl.models import logical
-from bigvl.models.transformer import Encoder, MAPHead
+from bigvl.models.transformer import Encoder, MAPHead, compute_dtype, dot_kwargs
 
 POOLS = ("gap", "map", "tok", "none")
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping ``p x p`` patches -> ``width``: a stride-``p`` convolution, computed as
+  one matmul of the flattened patches ``[B, H/p, W/p, p*p*C] @ kernel.reshape(p*p*C,
+  width)`` (the same parameters as ``nn.Conv``: ``kernel [p, p, C, width]``, ``bias``;
+  XLA:CPU runs the convolution's weight gradient far slower than this matmul's)."""
+
+  patch_size: int
+  width: int
+  use_bias: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    p, (b, hh, ww, c) = self.patch_size, images.shape
+    kernel = self.param("kernel", logical.named(logical.DEFAULT_KERNEL_INIT, None, None, None,
+                                                "embed"), (p, p, c, self.width))
+    h, w = hh // p, ww // p
+    x = images[:, : h * p, : w * p].astype(compute_dtype(self.dtype))
+    x = x.reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, p * p * c)
+    dot = dot_kwargs(self.dtype).get("dot_general", jax.lax.dot_general)
+    y = dot(x, kernel.reshape(p * p * c, self.width).astype(x.dtype),
+            (((3,), (0,)), ((), ())))
+    if self.use_bias:
+      y = y + self.param("bias", logical.named(nn.initializers.zeros_init(), "embed"),
+                         (self.width,)).astype(y.dtype)
+    return y
 
 
 class ViT(nn.Module):
@@ -34,12 +62,13 @@ class ViT(nn.Module):
   num_heads: int = 4
   mlp_dim: int = 512
   pool: str = "gap"
-  remat: bool = False
+  remat: bool | str = False
   dtype: jnp.dtype = jnp.float32
   activation: str = "gelu"
   norm_eps: float = 1e-6
   patch_bias: bool = True
   pre_norm: bool = False
+  scan: bool = False
 
   @property
   def has_cls(self) -> bool:
@@ -57,13 +86,8 @@ class ViT(nn.Module):
     ``feature_layer`` [B, N, width] only (the pooling head is not run)."""
     if self.pool not in POOLS:
       raise ValueError(f"unknown pool {self.pool!r}; choose from {POOLS}")
-    p = self.patch_size
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                use_bias=self.patch_bias,
-                kernel_init=logical.named(logical.DEFAULT_KERNEL_INIT, None, None, None,
-                                          "embed"),
-                bias_init=logical.named(nn.initializers.zeros_init(), "embed"),
-                name="embedding")(images.astype(self.dtype))
+    x = PatchEmbed(self.patch_size, self.width, self.patch_bias, self.dtype,
+                   name="embedding")(images)
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
     if self.has_cls:
@@ -74,9 +98,10 @@ class ViT(nn.Module):
                                                     "embed"), (1, x.shape[1], d), x.dtype)
     x = x + pos
     if self.pre_norm:
-      x = logical.layer_norm(self.norm_eps, dtype=self.dtype, name="pre_ln")(x)
+      x = logical.layer_norm(self.norm_eps, dtype=compute_dtype(self.dtype), name="pre_ln")(x)
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.remat, self.dtype,
-                self.activation, self.norm_eps, name="encoder")(x, layer=feature_layer)
+                self.activation, self.norm_eps, self.scan,
+                name="encoder")(x, layer=feature_layer)
     if feature_layer is not None and not self.is_initializing():
       return x
     if self.pool == "gap":
