@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from bigvl.models import logical
 from bigvl.models.text import TextTransformer
+from bigvl.models.transformer import remat_name
 from bigvl.models.vit import ViT
 
 
@@ -70,6 +71,10 @@ def from_config(cfg, *, vocab_size: int, max_len: int) -> TwoTower:
     unknown = set(fields) - set(cls.__dataclass_fields__) - {"parent", "name"}
     if unknown:
       raise ConfigError(f"config.model.{name} has unknown fields {sorted(unknown)}")
+    try:
+      remat_name(fields.get("remat", False))
+    except ValueError as e:
+      raise ConfigError(f"config.model.{name}.{e}") from None
   return TwoTower(image=image, text=text, embed_dim=cfg.typed("embed_dim", int, m.embed_dim),
                   temperature_init=float(cfg.typed("temperature_init", (float, int),
                                                    m.temperature_init)),

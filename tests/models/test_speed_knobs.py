@@ -118,3 +118,21 @@ def test_scan_refuses_a_hidden_layer(reference):
   params = enc.init(jax.random.key(0), x, mask)
   with pytest.raises(ValueError, match="scan"):
     enc.apply(params, x, mask, layer=-2)
+
+
+def test_two_tower_config_knobs_reach_the_towers_and_bad_remat_is_a_config_error():
+  import ml_collections as mlc
+
+  from bigvl.config import ConfigError, Reader
+  from bigvl.models import two_tower
+
+  def cfg(**image):
+    c = mlc.ConfigDict({"image": dict(patch_size=4, width=8, depth=2, num_heads=2, mlp_dim=16,
+                                      **image),
+                        "text": dict(width=8, depth=2, num_heads=2, mlp_dim=16, scan=True)})
+    return Reader(c, "config.model")
+
+  m = two_tower.from_config(cfg(remat="dots", scan=True), vocab_size=10, max_len=4)
+  assert m.image["remat"] == "dots" and m.image["scan"] and m.text["scan"]
+  with pytest.raises(ConfigError, match="remat"):
+    two_tower.from_config(cfg(remat="sometimes"), vocab_size=10, max_len=4)
