@@ -19,6 +19,70 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from typing import Any
+
+
+def load(config_path: str, data_dir: str | None = None, sets: Sequence[str] = (),
+         preferences_stub: bool = False) -> Any:
+  """The config of ``config_path`` made compile-only: the (tiny) ``shapes_captions/small``
+  dataset only feeds the host pipeline that gives the batch's shapes, no evals, no
+  ``init_from``; ``sets``: ``KEY=VALUE`` overrides (values ``ast.literal_eval``-ed)."""
+  from bigvl.config import load_config
+
+  c = load_config(config_path)
+  c.input.dataset = "shapes_captions/small"
+  c.input.data_dir = data_dir or tempfile.mkdtemp()
+  c.evals = {}
+  c.init_from = {}
+  if preferences_stub:
+    import json
+
+    path = os.path.join(tempfile.mkdtemp(), "preferences.jsonl")
+    with open(path, "w") as f:
+      for i in range(256):
+        f.write(json.dumps({"chosen": "a red circle", "rejected": "a blue square",
+                            "chosen_score": 1.0, "rejected_score": 0.0,
+                            "chosen_source": "sample", "rejected_source": "sample",
+                            "image_index": i, "question": "description", "kind": "caption"})
+                + "\n")
+    c.input.preferences = path
+  for kv in sets:
+    key, value = kv.split("=", 1)
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a plain string
+    c.update_from_flattened_dict({key: value})
+  return c
+
+
+def compile_abstract(c: Any, devices: list | None = None) -> dict[str, Any]:
+  """Builds the run of config ``c`` on ``devices`` (default: all) and compiles its train step
+  for abstract state and batch (``jax.ShapeDtypeStruct`` with the run's shardings; nothing is
+  allocated). Returns ``{run, fns, compiled, batch, compile_s}``."""
+  import jax
+
+  from bigvl import parallel, train
+
+  run = train.build(c, devices)
+  # the batch's shapes from one host batch of the task's own pipeline (the tiny dataset,
+  # resized to the config's image size): any task's batch layout works
+  local = next(run.task.train_data(run.seed))
+  sh = parallel.batch_sharding(run.mesh)
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), local)
+  t0 = time.perf_counter()
+  fns = train.compile_run(run, batch)
+  compiled = fns.step.lower(fns.abstract_state, batch).compile()
+  return {"run": run, "fns": fns, "compiled": compiled, "batch": batch,
+          "compile_s": time.perf_counter() - t0}
+
+
+def nbytes(tree: Any) -> int:
+  """Bytes of every leaf of ``tree`` (arrays or ShapeDtypeStructs), all devices together."""
+  import jax
+
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def main() -> None:
@@ -36,53 +100,15 @@ def main() -> None:
                              f" --xla_force_host_platform_device_count={a.devices}")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  import jax
 
-  from bigvl import parallel, train
-  from bigvl.config import load_config
-
-  c = load_config(a.config)
-  # shapes of the real run; the (tiny) dataset only feeds the host pipeline, never read here
-  c.input.dataset = "shapes_captions/small"
-  c.input.data_dir = a.data_dir or tempfile.mkdtemp()
-  c.evals = {}
-  c.init_from = {}
-  if a.preferences_stub:
-    import json
-
-    path = os.path.join(tempfile.mkdtemp(), "preferences.jsonl")
-    with open(path, "w") as f:
-      for i in range(256):
-        f.write(json.dumps({"chosen": "a red circle", "rejected": "a blue square",
-                            "chosen_score": 1.0, "rejected_score": 0.0,
-                            "chosen_source": "sample", "rejected_source": "sample",
-                            "image_index": i, "question": "description", "kind": "caption"})
-                + "\n")
-    c.input.preferences = path
-  for kv in a.set:
-    key, value = kv.split("=", 1)
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass  # a plain string
-    c.update_from_flattened_dict({key: value})
-  run = train.build(c)
-  # the batch's shapes from one host batch of the task's own pipeline (the tiny dataset,
-  # resized to the config's image size): any task's batch layout works
-  local = next(run.task.train_data(run.seed))
-  sh = parallel.batch_sharding(run.mesh)
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), local)
+  c = load(a.config, a.data_dir, a.set, a.preferences_stub)
+  out = compile_abstract(c)
+  run, fns, compiled, batch, secs = (out[k] for k in ("run", "fns", "compiled", "batch",
+                                                      "compile_s"))
   b = c.input.batch_size
   shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in batch.items())
-  t0 = time.perf_counter()
-  fns = train.compile_run(run, batch)
-  compiled = fns.step.lower(fns.abstract_state, batch).compile()
-  secs = time.perf_counter() - t0
   m = compiled.memory_analysis()
   state = fns.abstract_state
-
-  def nbytes(tree):
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
   gib = 2 ** 30
   n_dev = run.mesh.size
