@@ -136,3 +136,15 @@ def test_two_tower_config_knobs_reach_the_towers_and_bad_remat_is_a_config_error
   assert m.image["remat"] == "dots" and m.image["scan"] and m.text["scan"]
   with pytest.raises(ConfigError, match="remat"):
     two_tower.from_config(cfg(remat="sometimes"), vocab_size=10, max_len=4)
+
+
+def test_siglip_size_arg_sets_the_papers_towers_and_refuses_unknown_sizes():
+  from bigvl.config import ConfigError, load_config
+
+  c = load_config("configs/siglip_shapes.py:size=b16")
+  assert (c.model.image["width"], c.model.image["depth"], c.model.image["num_heads"]) == (
+      768, 12, 12)
+  assert c.model.image["patch_size"] == 16 and c.input.image_size == 224
+  assert c.model.text["vocab_size"] == 32_000 and c.input.max_len == 64
+  with pytest.raises(ConfigError, match="size"):
+    load_config("configs/siglip_shapes.py:size=h14")
