@@ -220,6 +220,17 @@ def _where(e: BaseException, path: str) -> str:
   return f" ({path}:{frames[-1].lineno})" if frames else ""
 
 
+#: ``config.runtime``: how the loop runs, never what it computes (every setting trains the
+#: same numbers). ``async_checkpoint``: orbax writes checkpoints in a background thread while
+#: training goes on; ``donate``: the train step reuses the old state's buffers for the new
+#: one (about one state's worth of memory less); ``profile_start``/``profile_steps``: a
+#: ``jax.profiler`` trace of that many steps from that step into ``<workdir>/profile``
+#: (TensorBoard's profile tab, xprof or Perfetto read it); ``kill -USR1 <pid>`` traces the
+#: next ``profile_steps`` (3 if unset) steps of a running job.
+RUNTIME_DEFAULTS = {"async_checkpoint": True, "donate": True, "profile_start": 0,
+                    "profile_steps": 0}
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """``'configs/x.py:arg'`` -> ``get_config(arg)`` of that file (``get_config()`` if no arg).
 
@@ -246,6 +257,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"--config {spec}: get_config returned {type(config).__name__}, "
                       "not a ConfigDict")
+  if "runtime" not in config:  # every experiment has the loop's knobs, to override
+    config.runtime = ml_collections.ConfigDict(RUNTIME_DEFAULTS)
   return config
 
 

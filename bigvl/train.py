@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from bigvl import checkpoint, metrics, optim, parallel, registry
-from bigvl.config import ConfigError, Reader, positive_int
+from bigvl.config import RUNTIME_DEFAULTS, ConfigError, Reader, positive_int, read_knobs
 from bigvl.tasks.base import EvalView, Task
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class Run:
   evaluators: list  # (name, evaluator, every)
   tool: Any = None  # config.tool: a bigvl.tools module's Tool, run instead of training
   eval_at_start: bool = False  # config.eval_at_start: evaluate the starting point (step 0)
+  runtime: dict = dataclasses.field(default_factory=lambda: dict(RUNTIME_DEFAULTS))
 
 
 def duration_steps(r: Reader, prefix: str, num_examples: int | None, batch_size: int) -> int:
@@ -112,13 +113,24 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Run
             ckpt_every=positive_int(r, "ckpt_every"),
             keep_ckpts=positive_int(r, "keep_ckpts", 2),
             microbatches=positive_int(r, "microbatches", 1), evaluators=evaluators,
-            tool=tool, eval_at_start=bool(r.typed("eval_at_start", bool, False)))
+            tool=tool, eval_at_start=bool(r.typed("eval_at_start", bool, False)),
+            runtime=read_runtime(r.get("runtime")))
   shards = run.microbatches * int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES]))
   if task.batch_size % shards:
     raise ConfigError(f"config.input.batch_size={task.batch_size} is not divisible by "
                       f"microbatches x data shards = {shards}")
   r.check_all_read()
   return run
+
+
+def read_runtime(r: Reader | None) -> dict:
+  """``config.runtime`` over :data:`RUNTIME_DEFAULTS` (ConfigError on an unknown knob or a
+  negative step count)."""
+  out = read_knobs(r, RUNTIME_DEFAULTS, "config.runtime")
+  for name in ("profile_start", "profile_steps"):
+    if out[name] < 0:
+      raise ConfigError(f"config.runtime.{name} must be >= 0, got {out[name]}")
+  return out
 
 
 def read_init_from(r: Reader | None) -> list[checkpoint.WeightSource]:
@@ -285,7 +297,8 @@ def compile_run(run: Run, example_batch: Any) -> Compiled:
   batch_sh = jax.tree.map(lambda _: parallel.batch_sharding(run.mesh), example_batch)
   jitted = jax.jit(make_train_step(run.task, run.tx, run.schedule, run.microbatches),
                    in_shardings=(shardings, batch_sh),
-                   out_shardings=(shardings, parallel.replicated(run.mesh)), donate_argnums=0)
+                   out_shardings=(shardings, parallel.replicated(run.mesh)),
+                   donate_argnums=0 if run.runtime["donate"] else ())
 
   step = parallel.WithActivationRules(jitted, run.rules, run.mesh)
   return Compiled(init, step, abstract, shardings, check_weights)
@@ -360,6 +373,60 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+class _Profiler:
+  """``jax.profiler`` traces of a few steps: from step ``start`` for ``steps`` steps (config),
+  and for the next ``steps`` (3 if 0) steps after each SIGUSR1 (on request, while running).
+  A trace ends after its last step's loss is ready, so it holds whole steps."""
+
+  def __init__(self, directory: str, start: int, steps: int):
+    self.directory, self.start, self.steps = directory, start, steps
+    self.first = None  # the first step of the trace being taken
+    self.until = None  # it stops once this many steps are done
+    self.requested = False
+    try:
+      self._old = signal.signal(signal.SIGUSR1, self._handler)
+    except (ValueError, AttributeError):  # not the main thread / no SIGUSR1 here
+      self._old = None
+
+  def _handler(self, signum, frame):
+    self.requested = True
+
+  def before(self, step: int) -> None:
+    """Starts a trace before step ``step`` (0-based) runs, if one is due."""
+    if self.until is not None:
+      return
+    if self.steps and step == self.start:
+      n = self.steps
+    elif self.requested:
+      n = self.steps or 3
+    else:
+      return
+    self.requested = False
+    jax.profiler.start_trace(self.directory)
+    self.first, self.until = step, step + n
+
+  def after(self, done: int, loss: Any) -> None:
+    """Ends the trace once ``done`` steps are done and the last one's ``loss`` is ready."""
+    if self.until is not None and done >= self.until:
+      jax.block_until_ready(loss)
+      self._stop(done)
+
+  def _stop(self, done: int) -> None:
+    jax.profiler.stop_trace()
+    if jax.process_index() == 0:
+      print(f"bigvl: profiled steps {self.first + 1}-{done} into {self.directory} "
+            f"(TensorBoard's profile tab, xprof or Perfetto)", flush=True)
+    self.first = self.until = None
+
+  def close(self, done: int) -> None:
+    """At the end of the loop: ends a trace still running, restores SIGUSR1."""
+    if self.until is not None:
+      self._stop(done)
+    if self._old is not None:
+      signal.signal(signal.SIGUSR1, self._old)
+      self._old = None
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = None
           ) -> dict[str, float]:
   """Trains (or resumes) the experiment ``config`` in ``workdir``; returns the last eval."""
@@ -377,7 +444,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
   fns = compile_run(run, example)
   if not checkpoint.has_checkpoint(workdir):
     fns.check_weights()  # a bad pretrained source fails here, before anything is written
-  ckpt = checkpoint.Checkpointer(workdir, keep=run.keep_ckpts)
+  ckpt = checkpoint.Checkpointer(workdir, keep=run.keep_ckpts,
+                                 async_save=run.runtime["async_checkpoint"])
   restored = ckpt.restore_latest(fns.abstract_state)
   if restored is None:
     state = fns.init(example)
@@ -401,6 +469,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
           f"batch={task.batch_size} workdir={workdir}", flush=True)
 
   preempt = _Preemption()
+  profiler = _Profiler(os.path.join(workdir, "profile"), run.runtime["profile_start"],
+                       run.runtime["profile_steps"])
   last_eval: dict[str, float] = {}
 
   def evaluate(step: int, state: dict, every_one: bool = False) -> None:
@@ -424,10 +494,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
   skipped_logged = int(jax.device_get(state["skipped"]))
   try:
     while step < run.total_steps:
+      profiler.before(step)
       batch = parallel.global_batch(next(data), mesh)
       with jax.transfer_guard("disallow"):  # no hidden host<->device copies in the step
         state, aux = train_step(state, batch)
       step += 1
+      profiler.after(step, aux["loss"])
       if not writer.started:
         jax.block_until_ready(aux["loss"])
         writer.start(step)
@@ -453,6 +525,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
         print(f"bigvl: SIGTERM: checkpointed step {step}, exiting", flush=True)
         break
   finally:
+    profiler.close(step)
     preempt.restore()
     ckpt.close()
     writer.close()

@@ -44,7 +44,8 @@ CASES = [
     (TINY, "--config.optim.name=sgd", "config.optim.b2 is not used by optim.name='sgd'"),
     ("configs/no_such.py", None, "--config configs/no_such.py: no such file"),
     ("configs/siglip_shapes.py:tiny,nosuch", None,
-     "--config configs/siglip_shapes.py:tiny,nosuch: unknown config arg 'nosuch'; known: tiny"),
+     "--config configs/siglip_shapes.py:tiny,nosuch: unknown config arg 'nosuch'; "
+     "known: size, tiny"),
     ("configs/fff_shapes.py:k=three", None,
      "--config configs/fff_shapes.py:k=three: config arg k='three' must be int"),
     ("configs/siglip_shapes.py:tiny=maybe", None, "--config configs/siglip_shapes.py:tiny=maybe"
