@@ -42,6 +42,8 @@ CASES = [
     (TINY, "--config.task=no_such_task", "unknown task name 'no_such_task'"),
     (TINY, "--config.input.batch_size=12", "config.input.batch_size=12 is not divisible by"),
     (TINY, "--config.optim.name=sgd", "config.optim.b2 is not used by optim.name='sgd'"),
+    (TINY, "--config.runtime.profile_steps=-1", "config.runtime.profile_steps must be >= 0, "
+     "got -1"),
     ("configs/no_such.py", None, "--config configs/no_such.py: no such file"),
     ("configs/siglip_shapes.py:tiny,nosuch", None,
      "--config configs/siglip_shapes.py:tiny,nosuch: unknown config arg 'nosuch'; "

@@ -1,8 +1,10 @@
 """Kill-and-resume: a run killed at any moment and started again with the same command logs
 the same losses as an uninterrupted run (params, optimizer state, step, rng and the data
-iterator all restored). The test kills ``python -m bigvl.main`` itself: SIGKILL between
-checkpoints and while an async checkpoint save is in flight, and SIGTERM (preemption), which
-the run answers by checkpointing the current step and exiting 0."""
+iterator all restored); the loop's runtime knobs (``config.runtime``: buffer donation, async
+checkpointing, profiler traces) change nothing it computes. The test kills ``python -m
+bigvl.main`` itself: SIGKILL between checkpoints and while an async checkpoint save is in
+flight, and SIGTERM (preemption), which the run answers by checkpointing the current step and
+exiting 0."""
 
 from __future__ import annotations
 
@@ -144,3 +146,18 @@ def test_sigterm_checkpoints_the_current_step_exits_0_and_resumes_exactly(
   assert max(_checkpoints(workdir)[0]) == step and not _checkpoints(workdir)[1]
   assert max(_losses(workdir)) == step  # it stopped right there
   _assert_resumes_exactly(cmd, workdir, step, full_losses)
+
+
+@pytest.mark.slow
+def test_runtime_knobs_leave_the_run_bitwise_unchanged(shapes_data_dir, tmp_path, full_losses):
+  """No donation, synchronous checkpoints and a profiler trace of steps 3-4: the same losses,
+  and the trace is on disk where the run said."""
+  workdir = tmp_path / "knobs"
+  out = run_main(["--config", TINY, "--workdir", str(workdir), *_flags(shapes_data_dir),
+                  "--config.runtime.donate=False", "--config.runtime.async_checkpoint=False",
+                  "--config.runtime.profile_start=2", "--config.runtime.profile_steps=2"])
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"bigvl: profiled steps 3-4 into {workdir}/profile " in out.stdout, out.stdout
+  traces = [f for _, _, fs in os.walk(workdir / "profile") for f in fs if f.endswith(".xplane.pb")]
+  assert len(traces) == 1
+  assert _losses(workdir) == full_losses

@@ -97,22 +97,3 @@ def _prod(xs: Sequence[int]) -> int:
   for x in xs:
     p *= x
   return p
-
-
-def attention(query: jax.Array, key: jax.Array, value: jax.Array, bias=None, mask=None,
-              **_unused) -> jax.Array:
-  """An ``attention_fn`` for ``nn.MultiHeadDotProductAttention``: ``softmax(q k^T / sqrt(d)
-  + mask) v`` over ``[B, L, H, D]`` inputs, its two matmuls through :func:`matmul` (q, k, v
-  moved to ``[B, H, L, D]`` / ``[B, H, D, L]`` first), the softmax in float32. No dropout
-  (the towers use none)."""
-  d = query.shape[-1]
-  q = materialize(query / jnp.sqrt(d).astype(query.dtype), (0, 2, 1, 3))  # [B, H, Lq, D]
-  kt = materialize(key, (0, 2, 3, 1))                                         # [B, H, D, Lk]
-  v = materialize(value, (0, 2, 1, 3))                                        # [B, H, Lk, D]
-  s = matmul(q, kt)
-  if bias is not None:
-    s = s + bias
-  if mask is not None:
-    s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
-  p = jax.nn.softmax(s, axis=-1)
-  return jnp.swapaxes(matmul(p, v), 1, 2).astype(query.dtype)          # [B, Lq, H, D]

@@ -13,8 +13,10 @@ Options that public checkpoints need (the defaults are the original numerics):
 
 Speed and memory knobs (each leaves the parameters' names and shapes alone):
 
-* ``dtype=bfloat16``: bf16 matmul operands with float32 accumulation, parameters and
-  activations float32 (:mod:`bigvl.models.matmul`: the layouts XLA:CPU runs natively);
+* ``dtype=bfloat16``: bf16 operands with float32 accumulation for the projections and the
+  MLP, parameters and activations float32 (:mod:`bigvl.models.matmul`: the layouts XLA:CPU
+  runs natively); attention's products stay float32 (:mod:`bigvl.models.attention`, whose
+  hand-written backward every tower uses);
 * ``remat``: ``none`` | ``full`` | ``dots`` | ``dots_no_batch`` (``REMAT_POLICIES``: what a
   block saves for the backward pass; ``True``/``False`` = ``full``/``none``);
 * ``scan``: the blocks under ``nn.scan`` (compile time flat in depth); parameters are then
@@ -30,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bigvl.models import attention as attention_lib
 from bigvl.models import logical, matmul
 
 #: ``remat`` policies by name: what one block keeps for the backward pass (``none``: all
@@ -98,10 +101,11 @@ def attention(num_heads: int, dtype: jnp.dtype, *, name: str) -> nn.MultiHeadDot
   """Multi-head attention with logical axes: q/k/v kernels ``[embed, heads, kv]``, the output
   kernel ``[heads, kv, embed]``."""
   zeros = nn.initializers.zeros_init()
-  fast = ({"qkv_dot_general": matmul.dot_general, "out_dot_general": matmul.dot_general,
-           "attention_fn": matmul.attention} if mixed(dtype) else {})
+  fast = ({"qkv_dot_general": matmul.dot_general, "out_dot_general": matmul.dot_general}
+          if mixed(dtype) else {})
   return nn.MultiHeadDotProductAttention(
-      num_heads=num_heads, dtype=compute_dtype(dtype), name=name, **fast,
+      num_heads=num_heads, dtype=compute_dtype(dtype), name=name,
+      attention_fn=attention_lib.attention_fn, **fast,
       kernel_init=logical.named(logical.DEFAULT_KERNEL_INIT, "embed", "heads", "kv"),
       bias_init=logical.named(zeros, "heads", "kv"),
       out_kernel_init=logical.named(logical.DEFAULT_KERNEL_INIT, "heads", "kv", "embed"),
