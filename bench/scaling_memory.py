@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     with open(args.out, "w") as f:
       f.write(f"# Per-device train-step memory as the mesh grows (XLA memory analysis)\n\n"
               f"Command: `{cmd}` ({time.perf_counter() - t_all:.0f} s in all on a 2-core "
-              f"CPU)\n\nGiB per device. {table}\n")
+              f"CPU)\n\nGiB per device.\n\n{table}\n")
   return rows
 
 

@@ -140,6 +140,8 @@ def measure(config: Any, *, steps: int = 5, warmup: int = 2, spec: str = "") -> 
       "mfu": achieved / peak if achieved and peak else None, "compile_s": compile_s,
       "xla_temp_mb": getattr(mem, "temp_size_in_bytes", 0) / 2**20,
       "xla_args_mb": getattr(mem, "argument_size_in_bytes", 0) / 2**20,
+      "xla_out_mb": getattr(mem, "output_size_in_bytes", 0) / 2**20,
+      "xla_alias_mb": getattr(mem, "alias_size_in_bytes", 0) / 2**20,
       "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loss": loss}
 
 

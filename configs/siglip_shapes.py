@@ -26,8 +26,13 @@ def get_config(arg=None):
   c.keep_ckpts = 2
   c.mesh = mlc.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   # Logical axis name (named on each parameter by the model) -> mesh axes, MaxText style.
+  # The token table's rows go over fsdp too (its lookup is then a sharded gather, never a
+  # gathered table), and the towers' residual stream keeps the batch sharded: together the
+  # FSDP step moves no more than FSDP's minimum (bench/collectives.md).
   c.logical_axis_rules = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-                          ("vocab", "tensor"), ("kv", None), ("proj", None), ("norm", None))
+                          ("vocab", ("tensor", "fsdp")), ("kv", None), ("proj", None),
+                          ("norm", None), ("batch", ("data", "fsdp")), ("length", None),
+                          ("act_embed", None))
 
   c.input = mlc.ConfigDict()
   c.input.dataset = "shapes_captions"
@@ -53,6 +58,8 @@ def get_config(arg=None):
     c.model.text = dict(pool="eos", vocab_size=32_000, **tower)
   elif a.size:
     raise ConfigError(f"config arg size={a.size!r}: choose from {', '.join(SIZES)}")
+  for tower in (c.model.image, c.model.text):  # speed/memory knobs (docs/benchmarks.md)
+    tower.update(remat="none", scan=False)  # remat: none | full | dots | dots_no_batch
   c.model.embed_dim = width
   c.model.temperature_init = 10.0  # t' = log 10
   c.model.bias_init = -10.0

@@ -121,10 +121,11 @@ def test_group_sizes():
 def test_tiny_siglip_step_is_at_the_fsdp_minimum(shapes_data_dir):
   """The real train step on ``{data: 1, fsdp: 8}``: every sharded parameter all-gathered
   once, its gradient reduce-scattered once, replicated parameters' gradients all-reduced,
-  plus the sigmoid loss's gather of the [B, D] text embeddings -- and nothing else (with the
-  token table's rows sharded: bench/collectives.md, "Finding")."""
+  plus the sigmoid loss's gather of the [B, D] text embeddings -- and nothing else, with the
+  config's own rules (the token table's rows over fsdp, the residual stream batch-sharded:
+  docs/scaling.md, "Collective volume")."""
   res = C.analyse("configs/siglip_shapes.py:tiny",
-                  [*C._FIX, f"--config.input.data_dir={shapes_data_dir}"], 8)
+                  [f"--config.input.data_dir={shapes_data_dir}"], 8)
   r = C.ratios(res)
   for kind in ("all-gather", "reduce-scatter", "all-reduce"):
     assert 0.95 <= r[kind] <= 1.05, (kind, r, C.top_ops(res))

@@ -67,4 +67,7 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
 
   rules, mesh = bound
   spec = logical_to_spec(names, x.shape, rules, mesh, quiet=True)
+  known = {name for name, _ in rules}  # a name no rule mentions: left to the compiler
+  spec = jax.sharding.PartitionSpec(*(s if n in known else jax.sharding.PartitionSpec.UNCONSTRAINED
+                                      for n, s in zip(names, spec, strict=True)))
   return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))

@@ -139,9 +139,10 @@ class EncoderBlock(nn.Module):
     dt = compute_dtype(self.dtype)
     y = logical.layer_norm(self.norm_eps, dtype=dt, name="ln1")(x)
     y = attention(self.num_heads, self.dtype, name="attn")(y, y, mask=mask)
-    x = x + y
+    x = logical.constrain(x + y, "batch", "length", "act_embed")
     y = logical.layer_norm(self.norm_eps, dtype=dt, name="ln2")(x)
-    return x + MlpBlock(self.mlp_dim, self.dtype, self.activation, name="mlp")(y)
+    y = MlpBlock(self.mlp_dim, self.dtype, self.activation, name="mlp")(y)
+    return logical.constrain(x + y, "batch", "length", "act_embed")
 
 
 def hidden_index(layer: int, depth: int) -> int:
