@@ -7,55 +7,81 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
+import pathlib  # noqa: E402
+
 import pytest  # noqa: E402
 
 
+@contextlib.contextmanager
+def built_once(request, tmp_path_factory, name: str):
+  """A directory for the session resource ``name``, shared by the run's pytest-xdist workers:
+  yields ``(path, ready)``; when ``ready`` is False the caller builds it (holding a lock the
+  other workers wait on) and the directory is marked ready when the block ends."""
+  worker = getattr(request.config, "workerinput", None)
+  if worker is None:  # one process: a plain session directory
+    yield pathlib.Path(tmp_path_factory.mktemp(name)), False
+    return
+  root = tmp_path_factory.getbasetemp().parent / f"shared-{worker['testrunuid']}"
+  root.mkdir(exist_ok=True)
+  path, marker = root / name, root / f"{name}.ready"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      ready = marker.exists()
+      path.mkdir(exist_ok=True)
+      yield path, ready
+      marker.touch()
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _tfds_dir(request, tmp_path_factory, name: str, *builders: str) -> str:
+  with built_once(request, tmp_path_factory, name) as (root, ready):
+    if not ready:
+      from bigvl.data import sources
+
+      for b in builders:
+        sources.tfds_builder(b, str(root))
+  return str(root)
+
+
 @pytest.fixture(scope="session")
-def shapes_data_dir(tmp_path_factory):
+def shapes_data_dir(request, tmp_path_factory):
   """A data dir with ``shapes_captions/small`` prepared once for the whole session."""
-  root = str(tmp_path_factory.mktemp("tfds"))
-  from bigvl.data import sources
-
-  sources.tfds_builder("shapes_captions/small", root)
-  return root
+  return _tfds_dir(request, tmp_path_factory, "tfds", "shapes_captions/small")
 
 
 @pytest.fixture(scope="session")
-def seg_data_dir(tmp_path_factory):
+def seg_data_dir(request, tmp_path_factory):
   """A data dir with ``shapes_segmentation/small`` prepared once for the whole session."""
-  root = str(tmp_path_factory.mktemp("tfds_seg"))
-  from bigvl.data import sources
-
-  sources.tfds_builder("shapes_segmentation/small", root)
-  return root
+  return _tfds_dir(request, tmp_path_factory, "tfds_seg", "shapes_segmentation/small")
 
 
 @pytest.fixture(scope="session")
-def fewshot_data_dir(tmp_path_factory):
+def fewshot_data_dir(request, tmp_path_factory):
   """A data dir with ``shapes_fewshot/small`` and ``shapes_fewshot/shifted_small`` prepared
   once for the whole session."""
-  root = str(tmp_path_factory.mktemp("tfds_fewshot"))
-  from bigvl.data import sources
-
-  sources.tfds_builder("shapes_fewshot/small", root)
-  sources.tfds_builder("shapes_fewshot/shifted_small", root)
-  return root
+  return _tfds_dir(request, tmp_path_factory, "tfds_fewshot", "shapes_fewshot/small",
+                   "shapes_fewshot/shifted_small")
 
 
 @pytest.fixture(scope="session")
-def tiny_captioner(shapes_data_dir, tmp_path_factory):
+def tiny_captioner(request, shapes_data_dir, tmp_path_factory):
   """``configs/lvlm_shapes.py:tiny`` trained once on ``shapes_captions/small`` (the LVLM
   family's shared checkpoint): ``(workdir, results)``. The method issues start from it."""
   import json
 
   from tests.helpers import run_main
 
-  workdir = str(tmp_path_factory.mktemp("tiny_captioner"))
-  res = run_main(["--config", "configs/lvlm_shapes.py:tiny", "--workdir", workdir,
-                  f"--config.input.data_dir={shapes_data_dir}",
-                  "--config.input.dataset=shapes_captions/small", "--config.total_steps=400",
-                  "--config.log_every=100", "--config.evals.captions.num_examples=128"],
-                 timeout=900)
-  assert res.returncode == 0, res.stderr[-3000:]
+  with built_once(request, tmp_path_factory, "tiny_captioner") as (workdir, ready):
+    if not ready:
+      res = run_main(["--config", "configs/lvlm_shapes.py:tiny", "--workdir", str(workdir),
+                      f"--config.input.data_dir={shapes_data_dir}",
+                      "--config.input.dataset=shapes_captions/small",
+                      "--config.total_steps=400", "--config.log_every=100",
+                      "--config.evals.captions.num_examples=128"], timeout=900)
+      assert res.returncode == 0, res.stderr[-3000:]
   with open(os.path.join(workdir, "results.json")) as f:
-    return workdir, json.load(f)
+    return str(workdir), json.load(f)

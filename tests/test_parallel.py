@@ -146,3 +146,22 @@ def test_mesh_shape_fill_and_errors():
     parallel.mesh_shape({"data": 3, "fsdp": 1, "tensor": 1}, 8)
   with pytest.raises(ConfigError):
     parallel.mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
+
+
+def test_activation_constraint_leaves_names_without_a_rule_to_the_compiler(monkeypatch):
+  """``logical.constrain``: a mapped name shards, a name mapped to nothing replicates, a name
+  no rule mentions is UNCONSTRAINED (with no ``batch`` rule the towers' residual stream is
+  the partitioner's choice, as before the constraint existed)."""
+  seen = []
+  monkeypatch.setattr(jax.lax, "with_sharding_constraint",
+                      lambda x, sharding: seen.append(sharding.spec) or x)
+  mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  x = jnp.ones((8, 3, 4))
+  rules = parallel.check_logical_rules((("batch", ("data", "fsdp")), ("act_embed", None)))
+  with parallel.activation_rules(rules, mesh):
+    logical.constrain(x, "batch", "length", "act_embed")
+  with parallel.activation_rules(parallel.check_logical_rules((("embed", "fsdp"),)), mesh):
+    logical.constrain(x, "batch", "length", "act_embed")
+  free = PartitionSpec.UNCONSTRAINED
+  assert seen == [PartitionSpec(("data", "fsdp"), free, None), PartitionSpec(free, free, free)]
+  assert logical.constrain(x, "batch", "length", "act_embed") is x  # no rules bound: as is
