@@ -54,12 +54,19 @@ def remat_name(remat: bool | str) -> str:
   return name
 
 
-def remat_block(block: type[nn.Module], remat: bool | str) -> type[nn.Module]:
-  """``block`` under ``nn.remat`` with the named policy (unchanged for ``none``)."""
+def remat_block(block: type[nn.Module], remat: bool | str, *, scanned: bool = True
+                ) -> type[nn.Module]:
+  """``block`` under ``nn.remat`` with the named policy (unchanged for ``none``).
+
+  ``scanned``: the block runs as an ``nn.scan`` body, where the loop already keeps XLA from
+  merging the recomputation with the forward (``prevent_cse=False``, cheaper). Unrolled
+  blocks get ``prevent_cse=True`` (``jax.checkpoint``'s default), else XLA's CSE may fold
+  the recomputed forward back into the original. On XLA:CPU only the scanned form lowers
+  the step's memory (``docs/benchmarks.md``, knobs)."""
   name = remat_name(remat)
   if name == "none":
     return block
-  return nn.remat(block, policy=REMAT_POLICIES[name], prevent_cse=False)
+  return nn.remat(block, policy=REMAT_POLICIES[name], prevent_cse=not scanned)
 
 
 def mixed(dtype) -> bool:
@@ -201,7 +208,7 @@ class Encoder(nn.Module):
       return logical.layer_norm(self.norm_eps, dtype=compute_dtype(self.dtype),
                                 name="ln_final")(x)
     stop = self.depth if layer is None else hidden_index(layer, self.depth)
-    block = remat_block(EncoderBlock, self.remat)
+    block = remat_block(EncoderBlock, self.remat, scanned=False)
     hidden = x
     for i in range(self.depth):
       if i >= stop and not self.is_initializing():
