@@ -14,6 +14,13 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+  """Files that hold end-to-end (``slow``) tests run first: the workers take a file at a time
+  in this order, so the long ones start early instead of finishing alone at the end."""
+  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow_files)  # stable: files stay contiguous
+
+
 @contextlib.contextmanager
 def built_once(request, tmp_path_factory, name: str):
   """A directory for the session resource ``name``, shared by the run's pytest-xdist workers:

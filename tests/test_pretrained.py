@@ -85,7 +85,8 @@ def test_init_from_safetensors_lands_in_the_right_shards(shapes_data_dir, source
   for name, value in got.items():
     np.testing.assert_array_equal(value, src["txt/" + name], err_msg=name)
   emb = state["params"]["txt"]["token_embedding"]["embedding"]
-  assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  # the config's rules: the token table's rows (vocab) over ('tensor', 'fsdp')
+  assert emb.sharding.spec == jax.sharding.PartitionSpec(("tensor", "fsdp"), None)
   assert emb.sharding == fns.state_shardings["params"]["txt"]["token_embedding"]["embedding"]
   np.testing.assert_array_equal(emb.addressable_shards[0].data,
                                 src["txt/token_embedding/embedding"][
