@@ -13,16 +13,16 @@ computed per head in ``[B, H, L, d]``. The backward pass is the one flash attent
 
 Why not autodiff of the einsums: on XLA:CPU (jaxlib 0.10) the transposed batched products
 that autodiff emits for the ``[B, L, H, d]`` einsums of ``flax.linen.dot_product_attention``
-(heads in the middle, contracting over a strided axis) run at ~16 GFLOP/s, against ~70 for
-the same products with the heads moved next to the batch (``bench/profile_step.py`` on the
-S16 step: the attention of one ViT-S layer took ~220 ms of its ~570). Here every product
-has ``(B, H)`` as its leading batch dims, and the four layout changes (``Q, K, V`` in,
-``O`` out; their gradients back) are explicit copies.
+(heads in the middle, contracting over a strided axis) ran the worst of them at ~16 GFLOP/s
+(``bench/profile_step.py`` on the S16 step), against ~70 for the same products with the
+heads next to the batch. Here every product has ``(B, H)`` as its leading batch dims, and the
+four layout changes (``Q, K, V`` in, ``O`` out; their gradients back) are explicit copies:
+one ViT-S layer, fwd + bwd, B=32, about half of flax's time (``python -m bench.attention``,
+docs/benchmarks.md).
 
 The products stay float32 on the towers' bf16 path too (``model.dtype=bfloat16`` makes
-only the projections and MLP bf16): with ``d = 64`` they are too thin for bf16 to pay for the
-casts and layout copies it needs on XLA:CPU (one ViT-S layer's attention, fwd + bwd, B=32:
-83 ms float32 here, 100-114 ms with bf16 operands).
+only the projections and MLP bf16): with ``d = 64`` they are too thin for bf16 operands to
+pay for their casts and layout copies on XLA:CPU (slower than float32 when tried).
 """
 
 from __future__ import annotations
