@@ -15,18 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
-
-def _median_ms(fn, reps: int) -> float:
-  fn()
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(ts)
+from bench._timing import median_seconds
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -57,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
   for name, fn in (("flax dot_product_attention (autodiff)", nn.dot_product_attention),
                    ("bigvl.models.attention", attention.dot_product_attention)):
     g = grads(fn)
-    out[name] = _median_ms(lambda g=g: jax.block_until_ready(g(q, k, v)), a.reps)
+    out[name] = 1e3 * median_seconds(lambda g=g: jax.block_until_ready(g(q, k, v)), a.reps)
     got = g(q, k, v)
     if ref is None:
       ref = got
@@ -74,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     (o ** 2).sum().backward()
 
   name = f"torch {torch.__version__} scaled_dot_product_attention"
-  out[name] = _median_ms(torch_step, a.reps)
+  out[name] = 1e3 * median_seconds(torch_step, a.reps)
   print(f"{name}: {out[name]:.1f} ms")
   return out
 

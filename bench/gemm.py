@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
+
+from bench._timing import median_seconds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,16 +37,6 @@ def shapes(size: str, batch: int) -> list[tuple[str, int, int, int, int]]:
             (f"{tower} fc1 {width}->{4 * width}", tokens, width, 4 * width, depth),
             (f"{tower} fc2 {4 * width}->{width}", tokens, 4 * width, width, depth)]
   return out
-
-
-def _median_s(fn, reps: int) -> float:
-  fn()
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
 
 
 def time_jax(m: int, k: int, n: int, dtype: str, reps: int) -> dict[str, float]:
@@ -71,7 +61,7 @@ def time_jax(m: int, k: int, n: int, dtype: str, reps: int) -> dict[str, float]:
   out = {}
   for name, (f, args) in forms.items():
     jf = jax.jit(f)
-    out[name] = _median_s(lambda jf=jf, args=args: jf(*args).block_until_ready(), reps)
+    out[name] = median_seconds(lambda jf=jf, args=args: jf(*args).block_until_ready(), reps)
   return out
 
 
@@ -88,7 +78,7 @@ def time_torch(m: int, k: int, n: int, dtype: str, reps: int) -> dict[str, float
   out = {}
   with cast, torch.no_grad():
     for name, (a, b) in forms.items():
-      out[name] = _median_s(lambda a=a, b=b: torch.mm(a, b), reps)
+      out[name] = median_seconds(lambda a=a, b=b: torch.mm(a, b), reps)
   return out
 
 
