@@ -13,7 +13,6 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-
 #: The longest single test (the README demo, ~200 s): its file goes first of all.
 LONGEST_FILE = "test_demo.py"
 
