@@ -43,13 +43,15 @@ class Checkpointer:
     self._mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})))
 
-  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-    """``(step, state, data_state)`` from the newest readable checkpoint, or None.
+  def restore_latest(self, abstract_state: Any, max_step: int | None = None
+                     ) -> tuple[int, Any, dict] | None:
+    """``(step, state, data_state)`` from the newest readable checkpoint (at most
+    ``max_step``), or None.
 
     ``abstract_state``: ShapeDtypeStructs with shardings (``jax.eval_shape`` + shardings);
     the restored arrays come back sharded as they say.
     """
-    steps = self.all_steps()
+    steps = [s for s in self.all_steps() if max_step is None or s <= max_step]
     for step in reversed(steps):
       try:
         out = self._mngr.restore(step, args=ocp.args.Composite(

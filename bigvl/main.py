@@ -40,9 +40,10 @@ def _take_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
   return spec, rest
 
 
-def _parse(argv: list[str], need_workdir: bool = True):
+def _parse(argv: list[str], need_workdir: bool = True, extra_flags=None):
   """The flags of ``argv`` (``argv[0]`` is the program) with the config loaded and overridden;
-  any problem -> :func:`_fail`. Also used by ``bigvl.prompt_selection`` (no workdir)."""
+  any problem -> :func:`_fail`. Also used by ``bigvl.prompt_selection`` (no workdir) and
+  ``bigvl.eval`` (``extra_flags(flags, flag_values)`` defines its own flags)."""
   from absl import flags
   from ml_collections import config_flags
 
@@ -63,6 +64,8 @@ def _parse(argv: list[str], need_workdir: bool = True):
     flags.DEFINE_string("workdir", None, "where checkpoints, metrics and events go",
                         flag_values=fv)
     flags.DEFINE_string("log_level", "WARNING", "python logging level", flag_values=fv)
+    if extra_flags is not None:
+      extra_flags(flags, fv)
     extra = fv(rest)[1:]
   except ConfigError as e:
     _fail(str(e))
@@ -77,12 +80,17 @@ def _parse(argv: list[str], need_workdir: bool = True):
   return fv
 
 
-def main(argv: list[str] | None = None) -> None:
-  fv = _parse(list(sys.argv if argv is None else argv))
-  logging.basicConfig(level=getattr(logging, fv.log_level.upper(), logging.WARNING),
+def quiet_logging(level: str) -> None:
+  """Python logging at ``level``; absl, jax's backend probe, TensorFlow and orbax at ERROR."""
+  logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING),
                       format="%(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "jax._src.xla_bridge", "tensorflow", "orbax"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> None:
+  fv = _parse(list(sys.argv if argv is None else argv))
+  quiet_logging(fv.log_level)
 
   from bigvl import parallel, train
   from bigvl.config import ConfigError

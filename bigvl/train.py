@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from bigvl import checkpoint, metrics, optim, parallel, registry
+from bigvl import checkpoint, metrics, optim, parallel, plots, registry
 from bigvl.config import RUNTIME_DEFAULTS, ConfigError, Reader, positive_int, read_knobs
 from bigvl.tasks.base import EvalView, Task
 
@@ -304,6 +304,16 @@ def compile_run(run: Run, example_batch: Any) -> Compiled:
   return Compiled(init, step, abstract, shardings, check_weights)
 
 
+def prepare(run: Run) -> tuple[Any, Any, Compiled]:
+  """``(train data at its start, one global example batch, compile_run's functions)``: the
+  shapes every state of ``run`` is built from (train loop, ``bigvl.eval``, tools)."""
+  data = run.task.train_data(run.seed)
+  start_state = data.get_state()
+  example = parallel.global_batch(next(data), run.mesh)
+  data.set_state(start_state)
+  return data, example, compile_run(run, example)
+
+
 def model_params(state: dict) -> dict:
   """The whole parameter tree of a train state (trainable and frozen leaves merged)."""
   return merge_params(state["params"], state["frozen"])
@@ -427,6 +437,18 @@ class _Profiler:
       self._old = None
 
 
+def _write_curves(workdir: str) -> None:
+  """``<workdir>/plots/training_curves.png`` (loss, lr, evaluations over steps), for users
+  without TensorBoard; a failure to draw is a warning, never the run's error."""
+  try:
+    path = plots.write_training_curves(workdir)
+    if path:
+      print(f"bigvl: training curves in {path}", flush=True)
+  except Exception as e:  # noqa: BLE001 -- the run's own outcome matters more than a plot
+    logging.getLogger(__name__).warning("could not draw the training curves: %s: %s",
+                                        type(e).__name__, e)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = None
           ) -> dict[str, float]:
   """Trains (or resumes) the experiment ``config`` in ``workdir``; returns the last eval."""
@@ -437,11 +459,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  data = task.train_data(run.seed)
-  start_state = data.get_state()
-  example = parallel.global_batch(next(data), mesh)
-  data.set_state(start_state)
-  fns = compile_run(run, example)
+  data, example, fns = prepare(run)
   if not checkpoint.has_checkpoint(workdir):
     fns.check_weights()  # a bad pretrained source fails here, before anything is written
   ckpt = checkpoint.Checkpointer(workdir, keep=run.keep_ckpts,
@@ -529,6 +547,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, run: Run | None = Non
     preempt.restore()
     ckpt.close()
     writer.close()
+    if jax.process_index() == 0:
+      _write_curves(workdir)
   if jax.process_index() == 0 and last_eval:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump({"step": step, **last_eval}, f, indent=2)

@@ -106,14 +106,18 @@ class SplitEmbedder:
     self._txt = jax.jit(task.predict_fn(cfg.typed("text_fn", str, "embed_texts"),
                                         f"{cfg.path}.text_fn"))
 
-  def embed(self, params: Any, state: Any, texts: bool = True, source: Any = None
-            ) -> dict[str, np.ndarray]:
+  def embed(self, params: Any, state: Any, texts: bool = True, source: Any = None,
+            keep_inputs: bool = False) -> dict[str, np.ndarray]:
     """``{'zimg': [N, E], 'ztxt': [N, C, E], 'label': [N]}`` in dataset order; ``source``:
-    other examples of the split's layout (random access) instead of the split."""
+    other examples of the split's layout (random access) instead of the split;
+    ``keep_inputs``: also the model inputs ``'image'`` and ``'tokens'`` (for figures)."""
     out: dict[str, list] = {"zimg": [], "ztxt": [], "label": []}
     source = self.source if source is None else source
     for local, n in pipeline.eval_batches(source, self._transform, self.batch_size):
       batch = parallel.global_batch(local, self.mesh)
+      if keep_inputs:
+        for k in ("image", "tokens"):
+          out.setdefault(k, []).append(parallel.to_host(batch[k])[:n])
       out["zimg"].append(parallel.to_host(self._img(params, state, {"image": batch["image"]}))[:n])
       if texts:
         b, c, length = batch["tokens"].shape

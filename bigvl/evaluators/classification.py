@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from bigvl import parallel
+from bigvl import parallel, plots
 from bigvl.config import ConfigError, Reader
 from bigvl.data import pipeline
 from bigvl.evaluators._split import read_eval_split
@@ -71,3 +71,9 @@ class Evaluator:
       out["confident_accuracy"] = float(np.mean(preds[sure] == labels[sure])) if sure.any() \
           else 0.0
     return out
+
+  def figures(self, params: Any, state: Any = None) -> dict[str, Any]:
+    """``{'confusion'}``: the confusion matrix over the split."""
+    preds, labels = self.predictions(params, state)
+    n = int(max(preds.max(), labels.max())) + 1
+    return {"confusion": plots.confusion_figure(plots.confusion_matrix(preds, labels, n))}

@@ -16,6 +16,9 @@ query's scene relevant (all of them must rank high, not just the best one).
 Config: ``type='retrieval'``, ``every``, ``dataset``, ``split``, ``batch_size``,
 ``num_captions``, ``ks``, ``scene_key`` (default None: standard recall only), ``image_fn`` /
 ``text_fn`` (the task's prediction functions, see ``_embedding.py``).
+
+:meth:`Evaluator.figures` draws the split's first images and their first captions: a gallery
+(query caption -> its top-5 images) and the image x caption similarity heatmap.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
+from bigvl import plots
 from bigvl.config import ConfigError, Reader
-from bigvl.evaluators._embedding import SplitEmbedder
+from bigvl.evaluators._embedding import Head, SplitEmbedder
 from bigvl.tasks.base import EvalView
 
 
@@ -124,3 +128,17 @@ class Evaluator:
     if self.scene_key is not None:
       out.update(scene_recall_at_k(emb["zimg"], emb["ztxt"], self.scene_ids(), self.ks))
     return out
+
+  def figures(self, params: Any, state: Any = None, num_examples: int = 24,
+              num_queries: int = 4) -> dict[str, Any]:
+    """``{'gallery', 'similarity'}`` over the split's first ``num_examples`` pairs (each
+    image's first caption): text -> image top-5 for the first ``num_queries`` captions, and
+    the ``[images, captions]`` cosine similarities (the diagonal holds the true pairs)."""
+    emb = self.embedder.embed(params, state, source=Head(self.embedder.source, num_examples),
+                              keep_inputs=True)
+    sims = emb["zimg"] @ emb["ztxt"][:, 0].T  # [N images, N captions]
+    captions = self.embedder.task.decode_texts(emb["tokens"][:num_queries, 0])
+    q = len(captions)
+    return {"gallery": plots.retrieval_gallery(captions, emb["image"], sims.T[:q],
+                                               targets=range(q)),
+            "similarity": plots.similarity_heatmap(sims)}

@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from bigvl import parallel
+from bigvl import parallel, plots
 from bigvl.config import ConfigError, Reader, positive_int
 from bigvl.data import pipeline
 from bigvl.evaluators._embedding import Head
@@ -325,21 +325,44 @@ class Evaluator:
       raise ValueError(f"{self.path}: the split has no examples")
     return conf, kept
 
+  def _matched(self, conf: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(confusion [classes (+1), classes], cluster -> class map or None)``: Hungarian
+    matched for unsupervised models, else as predicted."""
+    if not self.hungarian:
+      return conf, None
+    mapping = hungarian_assignment(conf)
+    return remap_confusion(conf, mapping), mapping
+
+  def _overlays(self, kept: list, mapping: np.ndarray | None) -> list[np.ndarray]:
+    return [overlay(image, mask, mapping[pred] if mapping is not None else pred,
+                    self.ignore_label) for image, mask, pred in kept]
+
   def run(self, params: Any, state: Any = None, step: int | None = None,
           workdir: str | None = None) -> dict[str, float]:
     write = workdir is not None and step is not None and self.num_overlays > 0
     conf, kept = self.confusion(params, state, self.num_overlays if write else 0)
-    mapping = None
+    matched, mapping = self._matched(conf)
+    out = scores(matched, self.class_names)
     if self.hungarian:
-      mapping = hungarian_assignment(conf)
-      out = scores(remap_confusion(conf, mapping), self.class_names)
       out["num_clusters_used"] = float(np.count_nonzero(conf.sum(1)))
-    else:
-      out = scores(conf, self.class_names)
     if write and jax.process_index() == 0:
       folder = os.path.join(workdir, "segmentation", self.name)
-      for i, (image, mask, pred) in enumerate(kept):
-        shown = mapping[pred] if mapping is not None else pred
-        write_png(os.path.join(folder, f"step_{int(step)}_{i}.png"),
-                  overlay(image, mask, shown, self.ignore_label))
+      for i, strip in enumerate(self._overlays(kept, mapping)):
+        write_png(os.path.join(folder, f"step_{int(step)}_{i}.png"), strip)
     return out
+
+  def figures(self, params: Any, state: Any = None) -> dict[str, Any]:
+    """``{'overlays'}``: the first ``num_overlays`` (at least 1) examples as input | truth |
+    prediction strips, and ``{'confusion'}``: the pixel confusion matrix (after Hungarian
+    matching for unsupervised models)."""
+    conf, kept = self.confusion(params, state, max(self.num_overlays, 1))
+    matched, mapping = self._matched(conf)  # [predicted (+ none), true]
+    n = matched.shape[1]
+    names = self.class_names or [str(c) for c in range(n)]
+    if matched.shape[0] > n:  # clusters matched to no class: a "none" prediction column
+      names = [*names, "none"]
+    true_pred = np.zeros((len(names), len(names)), np.int64)
+    true_pred[:n, :matched.shape[0]] = matched.T
+    return {"overlays": plots.image_strips(self._overlays(kept, mapping),
+                                           "input | truth | prediction"),
+            "confusion": plots.confusion_figure(true_pred, names, "pixels")}

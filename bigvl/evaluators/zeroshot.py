@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
+from bigvl import plots
 from bigvl.config import ConfigError, Reader
 from bigvl.evaluators._embedding import SplitEmbedder
 from bigvl.models.two_tower import l2_normalize
@@ -44,11 +45,20 @@ class Evaluator:
                           f"class_names") from None
     self.class_names = [n.replace("_", " ") for n in names]
 
-  def run(self, params: Any, state: Any = None) -> dict[str, float]:
+  def predictions(self, params: Any, state: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(predicted class [N], labels [N])`` in dataset order."""
     texts = [p.format(c) for c in self.class_names for p in self.prompts]
     zcls = class_embeddings(self.embedder.embed_texts(params, state, texts),
                             len(self.class_names), len(self.prompts))
     emb = self.embedder.embed(params, state, texts=False)
-    pred = np.argmax(emb["zimg"] @ zcls.T, axis=1)
-    return {"accuracy": float(np.mean(pred == emb["label"])),
-            "chance": 1.0 / len(self.class_names)}
+    return np.argmax(emb["zimg"] @ zcls.T, axis=1), emb["label"]
+
+  def run(self, params: Any, state: Any = None) -> dict[str, float]:
+    pred, label = self.predictions(params, state)
+    return {"accuracy": float(np.mean(pred == label)), "chance": 1.0 / len(self.class_names)}
+
+  def figures(self, params: Any, state: Any = None) -> dict[str, Any]:
+    """``{'confusion'}``: the zero-shot confusion matrix over the split."""
+    pred, label = self.predictions(params, state)
+    c = plots.confusion_matrix(pred, label, len(self.class_names))
+    return {"confusion": plots.confusion_figure(c, self.class_names, "zero-shot")}

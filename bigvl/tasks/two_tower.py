@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 from bigvl import checkpoint, parallel, registry
 from bigvl.config import ConfigError, Reader, check_choice, positive_int
-from bigvl.data import image_text, pipeline, sources
+from bigvl.data import captioning, image_text, pipeline, sources
 from bigvl.losses import contrastive, mining
 from bigvl.tasks import base
 
@@ -282,6 +282,9 @@ class Task(base.Task):
 
   def encode_texts(self, texts) -> dict[str, np.ndarray]:
     return {"tokens": self.tokenizer.encode(list(texts), self.max_len)}
+
+  def decode_texts(self, ids: np.ndarray) -> list[str]:
+    return captioning.decode_generated(self.tokenizer, ids)
 
   def _mine(self, state, batch, images, tokens, zimg, ztxt, owners) -> mining.MiningResult:
     if self.mining == "groups":

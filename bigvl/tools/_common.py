@@ -11,17 +11,13 @@ from typing import Any
 
 import jax
 
-from bigvl import parallel
-
 
 def load_params(run: Any) -> Any:
   """The task's whole parameter tree after a fresh init with ``config.init_from`` (and the
   task's ``pretrained()``) read into their shards: what a training run would start from."""
   from bigvl import train
 
-  data = run.task.train_data(run.seed)
-  example = parallel.global_batch(next(data), run.mesh)
-  fns = train.compile_run(run, example)
+  _, example, fns = train.prepare(run)
   return train.model_params(fns.init(example))
 
 
