@@ -36,7 +36,7 @@ setup(
     ],
     extras_require={
         # torch (CPU) + transformers: the checkpoint parity tests build tiny public models
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "torch==2.13.0",
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6", "torch==2.13.0",
                  "transformers>=5.0"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],

@@ -63,6 +63,12 @@ def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = Non
   if run.tool is not None:
     raise ConfigError(f"config.tool={config.tool!r}: bigvl.eval evaluates a trained model, "
                       "not a tool")
+  if not checkpoint.has_checkpoint(workdir):  # fail before anything compiles
+    if step is not None:
+      raise ConfigError(f"--step {step}: {workdir} holds no checkpoints")
+    if not run.weights:
+      raise ConfigError(f"{workdir} holds no checkpoint and the config reads no weights "
+                        "(config.init_from): nothing trained to evaluate")
   _, example, fns = train.prepare(run)
   if checkpoint.has_checkpoint(workdir):
     ckpt = checkpoint.Checkpointer(workdir, keep=run.keep_ckpts, async_save=False)
@@ -78,11 +84,6 @@ def load(config: ml_collections.ConfigDict, workdir: str, step: int | None = Non
       raise ConfigError(f"no readable checkpoint{f' at step {step}' if step else ''} under "
                         f"{ckpt.directory}")
     return Loaded(run, restored[1], restored[0], workdir)
-  if step is not None:
-    raise ConfigError(f"--step {step}: {workdir} holds no checkpoints")
-  if not run.weights:
-    raise ConfigError(f"{workdir} holds no checkpoint and the config reads no weights "
-                      "(config.init_from): nothing trained to evaluate")
   return Loaded(run, fns.init(example), 0, workdir)
 
 

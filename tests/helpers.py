@@ -39,17 +39,25 @@ def tiny_flags(data_dir: str, **overrides) -> list[str]:
   return [f"--config.{k}={v}" for k, v in {**tiny_overrides(data_dir), **overrides}.items()]
 
 
-def _main_cmd(args: list[str], env_extra: dict | None) -> dict:
+def subprocess_env(env_extra: dict | None = None) -> dict:
+  """This process's environment without the test session's 8-device XLA_FLAGS, plus
+  ``env_extra``."""
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   env.update(env_extra or {})
-  return {"args": [sys.executable, "-m", "bigvl.main", *args], "cwd": REPO, "env": env}
+  return env
 
 
-def run_main(args: list[str], env_extra: dict | None = None, timeout: int = 600
-             ) -> subprocess.CompletedProcess:
-  """``python -m bigvl.main ARGS`` in a fresh process (1 CPU device unless XLA_FLAGS says)."""
-  return subprocess.run(**_main_cmd(args, env_extra), capture_output=True, text=True,
+def _main_cmd(args: list[str], env_extra: dict | None, module: str = "bigvl.main") -> dict:
+  return {"args": [sys.executable, "-m", module, *args], "cwd": REPO,
+          "env": subprocess_env(env_extra)}
+
+
+def run_main(args: list[str], env_extra: dict | None = None, timeout: int = 600,
+             module: str = "bigvl.main") -> subprocess.CompletedProcess:
+  """``python -m bigvl.main ARGS`` (or another ``module``) in a fresh process (1 CPU device
+  unless XLA_FLAGS says)."""
+  return subprocess.run(**_main_cmd(args, env_extra, module), capture_output=True, text=True,
                         timeout=timeout)
 
 

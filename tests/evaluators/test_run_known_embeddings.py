@@ -117,3 +117,11 @@ def test_zeroshot_run_matches_numpy(shapes_data_dir):
   assert got["chance"] == pytest.approx(1 / len(task.class_names))
   assert got["accuracy"] == pytest.approx(want, abs=1e-9)
   assert 0.2 < want < 0.95  # not a trivial case
+  # its figure: the row-normalised confusion of the same predictions (true x predicted)
+  ax = zeroshot.Evaluator(cfg, view, mesh).figures(None, None)["confusion"].axes[0]
+  n = len(task.class_names)
+  conf = np.zeros((n, n))
+  np.add.at(conf, (labels, np.argmax(zimg @ zcls.T, axis=1)), 1)
+  np.testing.assert_allclose(ax.images[0].get_array(),
+                             conf / np.maximum(conf.sum(1, keepdims=True), 1))
+  assert f"accuracy {want:.3f}" in ax.get_title()

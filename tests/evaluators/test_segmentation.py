@@ -185,6 +185,36 @@ def test_overlays(tmp_path):
   assert len(os.listdir(folder)) == 3
 
 
+def test_figures_show_the_overlays_and_the_true_by_predicted_pixel_confusion(tmp_path):
+  _, labels = _split_clusters()
+  params = {"lut": _lut_of(labels)}
+  ev = _evaluator(hungarian=True, num_classes=T, num_overlays=2)
+  figs = ev.figures(params)
+  assert set(figs) == {"overlays", "confusion"}
+  ev.run(params, None, step=1, workdir=str(tmp_path))  # the same strips as the PNGs
+  for i, ax in enumerate(figs["overlays"].axes):
+    png = np.asarray(Image.open(tmp_path / "segmentation" / "seg" / f"step_1_{i}.png"))
+    np.testing.assert_array_equal(ax.images[0].get_array(), png)
+  # rows: true classes (+ an empty "none" row), columns: predicted classes + "none" (the
+  # clusters Hungarian matching left unassigned)
+  cluster = labels[IMAGES[..., 0]]
+  mapping = segmentation.hungarian_assignment(
+      segmentation.confusion_matrix(cluster, MASKS, 6, T, IGNORE))
+  mapped = mapping[cluster]
+  mapped[mapped < 0] = T
+  scored = MASKS != IGNORE
+  want = np.zeros((T + 1, T + 1))
+  np.add.at(want, (MASKS[scored], mapped[scored]), 1)
+  rates = want / np.maximum(want.sum(1, keepdims=True), 1)
+  ax = figs["confusion"].axes[0]
+  np.testing.assert_allclose(ax.images[0].get_array(), rates)
+  assert [t.get_text() for t in ax.get_xticklabels()][-1] == "none"
+  # a supervised model (as many classes as outputs, 6): a square matrix, no "none"
+  plain = _evaluator().figures(params)["confusion"].axes[0]
+  assert plain.images[0].get_array().shape == (6, 6)
+  assert "none" not in [t.get_text() for t in plain.get_xticklabels()]
+
+
 def test_pure_functions():
   rng = np.random.default_rng(2)
   pred, truth = rng.integers(0, 3, (50,)), rng.integers(0, 2, (50,))
