@@ -74,6 +74,7 @@ def get_config(arg=None):
   else:
     c.input.dataset = a.dataset
     c.input.text_key = a.text_key
+    c.input.tokenizer = mlc.config_dict.placeholder(str)  # a tokenizer.json (None: trained)
     c.input.image_size = 224
     c.input.max_len = 32
     c.input.vocab_size = 32_000

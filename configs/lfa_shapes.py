@@ -40,5 +40,6 @@ def get_config(arg=None):
   # the (colour, shape) class, named as shapes_captions names it; texture is the domain shift
   c.extract.label_key = "object_label"
   c.extract.templates = ("a {}", "a picture of a {}")
+  c.extract.lfa_dataset = mlc.config_dict.placeholder(str)  # one of bigvl.data.lfa_datasets
   c.extract.batch_size = 256
   return c

@@ -71,7 +71,7 @@ def base(method, *, dataset, num_labels, total_steps, batch_size, flip, mean, st
                             "wd": 5e-4})
   c.schedule = mlc.ConfigDict({"warmup_steps": 0, "decay": "cosine", "end_frac": 0.2})
 
-  set_evals(c, every=max(1, total_steps // 4), batch_size=500)
+  set_evals(c, every=max(1, total_steps // 4), batch_size=512)  # divisible by 8 devices
   return c
 
 
@@ -100,7 +100,7 @@ def tfds_benchmark(arg, *, dataset, flip, mean, std):
     if "mu" in c.semisup:
       c.semisup.mu = min(c.semisup.mu, 2)
     scale_rampups(c, steps)
-    set_evals(c, every=steps, batch_size=500)
+    set_evals(c, every=steps, batch_size=512)
   return c
 
 

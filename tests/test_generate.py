@@ -21,9 +21,15 @@ def lm():
 
 
 def naive_greedy(model, params, prompt, n):
+  """Step-by-step argmax of the full forward (no cache). The LM is causal, so the logits at
+  position ``t`` of a row padded at the end are those of the unpadded prefix: one fixed-shape
+  jitted forward serves every step."""
+  total = len(prompt) + n
+  forward = jax.jit(lambda toks: model.apply({"params": params}, toks))
   seq = list(prompt)
   for _ in range(n):
-    seq.append(int(model.apply({"params": params}, jnp.array([seq]))[0, -1].argmax()))
+    row = jnp.array([seq + [0] * (total - len(seq))])
+    seq.append(int(forward(row)[0, len(seq) - 1].argmax()))
   return seq[len(prompt):]
 
 
