@@ -6,6 +6,15 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One XLA compilation cache for the whole run: the controller makes it before the xdist
+# workers start, and they and every `python -m bigvl.main` they spawn inherit it, so a program
+# compiled once (the tiny SigLIP step that a dozen subprocess runs share) is loaded after.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile
+
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bigvl-tests-xla-")
+  os.environ["BIGVL_TESTS_OWN_XLA_CACHE"] = "1"
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import contextlib  # noqa: E402
 import fcntl  # noqa: E402
@@ -24,6 +33,14 @@ def pytest_collection_modifyitems(config, items):
   slow_files = {item.path for item in items if item.get_closest_marker("slow")}
   # stable sort: each file's tests stay contiguous and in order
   items.sort(key=lambda item: (item.path.name != LONGEST_FILE, item.path not in slow_files))
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """The controller removes the run's compilation cache (workers leave it)."""
+  if os.environ.get("BIGVL_TESTS_OWN_XLA_CACHE") and not hasattr(session.config, "workerinput"):
+    import shutil
+
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @contextlib.contextmanager
