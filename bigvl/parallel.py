@@ -112,6 +112,7 @@ DEFAULT_LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("classes", None),
     ("norm", None),         # LayerNorm / BatchNorm scales and biases
     ("layers", None),       # the stacked axis of scanned layers
+    ("lora", "fsdp"),       # LoRA rank (where the factor's other axes leave fsdp free)
     # activations (``logical.constrain`` in the models; bound while the train step is traced)
     ("batch", ("data", "fsdp")),
     ("length", None),

@@ -80,9 +80,12 @@ class Projection(nn.Module):
       y = y + bias.astype(self.dtype)
     if self.lora is not None and self.lora.applies(module_path(self)):
       r = self.lora.rank
+      # The rank axis is named too ("lora" -> fsdp by default): a factor whose other axes
+      # go to ``tensor`` only (lora_b of q/k/v/gate/up, lora_a of o/down) still shards over
+      # fsdp; where the other axis already takes fsdp, the rank axis stays whole.
       a = self.param("lora_a", logical.named(_flat_init(nn.initializers.lecun_normal(), fan_in),
-                                             *in_names, None), in_shape + (r,))
-      b = self.param("lora_b", logical.named(nn.initializers.zeros_init(), None, *out_names),
+                                             *in_names, "lora"), in_shape + (r,))
+      b = self.param("lora_b", logical.named(nn.initializers.zeros_init(), "lora", *out_names),
                      (r,) + self.out_shape)
       h = x.astype(self.dtype)
       if self.lora.dropout > 0 and self.has_rng("dropout"):

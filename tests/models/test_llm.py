@@ -147,3 +147,28 @@ def test_soft_prompt_vectors_replace_the_placeholders():
   g = jax.grad(lambda p: model.apply({"params": p}, ids)[0, -1].sum())(params)
   assert np.abs(g["soft_prompts_0"]["prompt"]).min() > 0
   assert np.abs(g["soft_prompts_1"]["delta"]).min() > 0
+
+
+def test_every_lora_factor_shards_over_fsdp():
+  """The rank axis is named ("lora"): each factor takes ``fsdp`` on exactly one axis, also
+  where its other axes are ``heads`` / ``mlp`` (only on ``tensor``), so no LoRA state stays
+  whole on every FSDP shard (docs/scaling.md, section 3)."""
+  from jax.sharding import PartitionSpec
+
+  from bigvl import parallel
+
+  config = llm.LLMConfig(**{**CFG.__dict__, "lora": lora.LoraConfig(
+      rank=4, alpha=8.0, targets=r"attn/(q|k|v|o)$|mlp/(gate|up|down)$")})
+  boxed = jax.eval_shape(llm.LLM(config).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  names = parallel.logical_names({"params": boxed["params"]})
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  sh = parallel.state_shardings(unbox({"params": boxed["params"]}), names,
+                                parallel.DEFAULT_LOGICAL_RULES, mesh)
+  specs = {parallel.path_str(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(sh)}
+  factors = {p: s for p, s in specs.items() if p.endswith(("lora_a", "lora_b"))}
+  assert len(factors) == 14
+  for path, spec in factors.items():
+    assert list(spec).count("fsdp") == 1, (path, spec)
+  # q's B: [layers, rank, heads, kv] -> the rank on fsdp, the heads on tensor
+  assert specs["params/layers/attn/q/lora_b"] == PartitionSpec(None, "fsdp", "tensor", None)
+  assert specs["params/layers/attn/q/lora_a"] == PartitionSpec(None, "fsdp", None)
