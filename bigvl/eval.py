@@ -152,9 +152,10 @@ def save(out_dir: str, step: int, results: dict[str, float], figs: dict[str, Any
 
 
 def write(loaded: Loaded, out_dir: str, names: list[str] | None = None) -> dict[str, Any]:
-  """:func:`evaluate` + :func:`figures` + :func:`save`; returns ``{'results': ...,
-  'figures': {name: path}}``."""
+  """:func:`evaluate` + :func:`figures` + :func:`save` (the results first: a figure that
+  fails loses no numbers); returns ``{'results': ..., 'figures': {name: path}}``."""
   results = evaluate(loaded, names, out_dir=out_dir)
+  save(out_dir, loaded.step, results, {})
   return {"results": results,
           "figures": save(out_dir, loaded.step, results, figures(loaded, names))}
 

@@ -137,8 +137,11 @@ class Evaluator:
     emb = self.embedder.embed(params, state, source=Head(self.embedder.source, num_examples),
                               keep_inputs=True)
     sims = emb["zimg"] @ emb["ztxt"][:, 0].T  # [N images, N captions]
-    captions = self.embedder.task.decode_texts(emb["tokens"][:num_queries, 0])
-    q = len(captions)
+    q = min(num_queries, len(sims))
+    try:
+      captions = self.embedder.task.decode_texts(emb["tokens"][:q, 0])
+    except ConfigError:  # a task whose text inputs do not decode (e.g. prompted LVLM rows)
+      captions = [f"caption of image {i}" for i in range(q)]
     return {"gallery": plots.retrieval_gallery(captions, emb["image"], sims.T[:q],
                                                targets=range(q)),
             "similarity": plots.similarity_heatmap(sims)}
