@@ -276,13 +276,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_size_per_host(global_batch: int, mesh: Mesh) -> int:
+def batch_size_per_host(global_batch: int, mesh: Mesh, key: str = "config.input.batch_size"
+                        ) -> int:
+  """This host's share of a global batch; ConfigError naming ``key`` unless the mesh's data
+  axes and the hosts divide it."""
   shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
   if global_batch % shards:
-    raise ConfigError(f"config.input.batch_size={global_batch} is not divisible by the data "
-                      f"axes of the mesh (data*fsdp={shards})")
+    raise ConfigError(f"{key}={global_batch} is not divisible by the data axes of the mesh "
+                      f"(data*fsdp={shards})")
   if global_batch % jax.process_count():
-    raise ConfigError(f"config.input.batch_size={global_batch} is not divisible by the "
+    raise ConfigError(f"{key}={global_batch} is not divisible by the "
                       f"{jax.process_count()} hosts")
   return global_batch // jax.process_count()
 

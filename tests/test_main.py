@@ -41,6 +41,8 @@ CASES = [
     (TINY, "--config.loss.name=no_such_loss", "config.loss.name='no_such_loss' is not one of"),
     (TINY, "--config.task=no_such_task", "unknown task name 'no_such_task'"),
     (TINY, "--config.input.batch_size=12", "config.input.batch_size=12 is not divisible by"),
+    (TINY, "--config.evals.zeroshot.batch_size=500",
+     "config.evals.zeroshot.batch_size=500 is not divisible by the data axes"),
     (TINY, "--config.optim.name=sgd", "config.optim.b2 is not used by optim.name='sgd'"),
     (TINY, "--config.runtime.profile_steps=-1", "config.runtime.profile_steps must be >= 0, "
      "got -1"),

@@ -26,6 +26,6 @@ def read_eval_split(cfg: Reader, task: Any, mesh: Mesh) -> EvalSplit:
   dataset = cfg.typed("dataset", str, task.dataset)
   split = cfg.typed("split", str, "test")
   batch_size = positive_int(cfg, "batch_size", 256)
-  parallel.batch_size_per_host(batch_size, mesh)
+  parallel.batch_size_per_host(batch_size, mesh, f"{cfg.path}.batch_size")
   source, info = sources.get_source(dataset, split, task.data_dir)
   return EvalSplit(dataset, split, batch_size, source, info)

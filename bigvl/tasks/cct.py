@@ -162,7 +162,8 @@ class Task(base.Task):
                           "set input.num_labels or input.unlabeled_split")
       self.unlabeled = streams.IndexedSubset(self.unlabeled_source, rest)
       self.unlabeled_batch_size = positive_int(inp, "unlabeled_batch_size", self.batch_size)
-      self.host_unlabeled_batch = parallel.batch_size_per_host(self.unlabeled_batch_size, mesh)
+      self.host_unlabeled_batch = parallel.batch_size_per_host(
+          self.unlabeled_batch_size, mesh, "config.input.unlabeled_batch_size")
 
     labeled, unlabeled = self._default_transforms()
     self.labeled_transform = transforms.build(

@@ -139,7 +139,8 @@ class Task(base.Task):
     self.mu = self.hp.get("mu", 0)
     self.unlabeled_batch_size = self.mu * self.batch_size
     if self.mu:
-      self.host_unlabeled_batch = parallel.batch_size_per_host(self.unlabeled_batch_size, mesh)
+      self.host_unlabeled_batch = parallel.batch_size_per_host(
+          self.unlabeled_batch_size, mesh, "the unlabeled batch (mu x config.input.batch_size)")
     self.num_threads = positive_int(inp, "num_threads", 2)
     self.flip = inp.typed("flip", bool, False)
     self.max_translate = float(inp.typed("max_translate", (float, int), 0.125))

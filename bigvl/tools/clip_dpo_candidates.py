@@ -87,7 +87,7 @@ class Tool:
     n = c.typed("num_images", int, None)
     self.num_images = len(self.source) if n is None else min(n, len(self.source))
     self.batch_size = positive_int(c, "batch_size", 64)
-    parallel.batch_size_per_host(self.batch_size, mesh)
+    parallel.batch_size_per_host(self.batch_size, mesh, f"{c.path}.batch_size")
     self.chunk = positive_int(c, "chunk_images", 256)
     self.prompts = tuple(c.get("prompts") or ("caption", "description"))
     temps = tuple(float(t) for t in (c.get("temperatures") or (0.7, 1.0)))

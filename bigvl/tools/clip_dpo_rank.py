@@ -91,7 +91,7 @@ class Tool:
     self.dataset = r.typed("dataset", str, task.dataset)
     self.split = r.typed("split", str, "train")
     self.batch_size = positive_int(r, "batch_size", 256)
-    parallel.batch_size_per_host(self.batch_size, mesh)
+    parallel.batch_size_per_host(self.batch_size, mesh, f"{r.path}.batch_size")
     self.sentence_agg = check_choice(f"{r.path}.sentence_agg",
                                      r.typed("sentence_agg", str, "mean"),
                                      preferences.AGGREGATIONS)

@@ -69,7 +69,7 @@ class Tool:
     self.splits = tuple(r.typed("splits", (list, tuple), ("train", "test")))
     self.label_key = r.typed("label_key", str, "label")
     self.batch_size = positive_int(r, "batch_size", 256)
-    parallel.batch_size_per_host(self.batch_size, mesh)
+    parallel.batch_size_per_host(self.batch_size, mesh, f"{r.path}.batch_size")
     self.out = r.typed("out", str, None)
     self.sources = {}
     for split in self.splits:
