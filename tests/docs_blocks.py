@@ -1,0 +1,84 @@
+"""Every command the docs mark runnable runs, so the docs cannot rot (the shared part of
+tests/test_docs_commands.py and tests/test_docs_commands_label_efficient.py, which split the
+pages between the two pytest-xdist workers).
+
+A fenced block opened with ```` ```console runnable ```` in README.md or docs/*.md holds shell
+commands (``#`` comments, ``\\`` continuations); the tests run each block as one bash script
+(``set -euo pipefail``) from the repository root, with
+
+* ``/tmp/bigvl`` replaced by a fresh directory per block (commands of a block share it: a
+  block may train a model and then evaluate it),
+* ``BIGVL_DATA`` pointing at one data directory for the whole file (datasets are prepared
+  once, by the first command that needs them),
+* ``:tiny`` settings made shorter still: every ``python -m bigvl.main`` command not setting
+  its length gets ``--config.total_steps=2`` (the whole flow runs -- data, compile, steps,
+  checkpoint, evaluators, plots -- not the minutes of training).
+
+Blocks opened with ```` ```console ```` are shown, not run: full-size runs, real datasets,
+accelerators, benchmarks and experiment sweeps (each of those names the script or test that
+does run it). The README's demo and the evaluation of its workdir are run in full by
+tests/test_demo.py, which checks the README's command is the one it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+import pytest
+
+from tests.helpers import REPO, subprocess_env
+
+FENCE = re.compile(r"^```console runnable[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
+DOCS = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(
+    os.path.join(REPO, "docs")) if f.endswith(".md"))
+SHORT = "--config.total_steps=2"
+
+
+def commands(block: str) -> list[str]:
+  """The commands of a block: comment and blank lines dropped, ``\\`` lines joined."""
+  out, pending = [], ""
+  for line in block.splitlines():
+    if not pending and (not line.strip() or line.lstrip().startswith("#")):
+      continue
+    if line.rstrip().endswith("\\"):
+      pending += line.rstrip()[:-1].strip() + " "
+      continue
+    out.append((pending + line.strip()).strip())
+    pending = ""
+  if pending:
+    out.append(pending.strip())
+  return out
+
+
+def shortened(cmd: str, root: str) -> str:
+  cmd = cmd.replace("/tmp/bigvl", root)
+  if "python -m bigvl.main" in cmd and "total_steps" not in cmd:
+    cmd += f" {SHORT}"
+  return cmd
+
+
+def runnable_blocks() -> list:
+  params = []
+  for rel in DOCS:
+    text = open(os.path.join(REPO, rel)).read()
+    for m in FENCE.finditer(text):
+      line = text.count("\n", 0, m.start()) + 1
+      params.append(pytest.param(rel, commands(m.group(1)), id=f"{rel}:{line}"))
+  return params
+
+
+BLOCKS = runnable_blocks()
+#: pages whose blocks run in tests/test_docs_commands_label_efficient.py (the other worker)
+LABEL_EFFICIENT = ("docs/semisup.md", "docs/domain_adaptation.md", "docs/segmentation.md",
+                   "docs/scl.md")
+
+
+def run_block(cmds: list[str], data_dir: str, root: str) -> None:
+  """Runs one block's commands as a bash script (see the module docstring)."""
+  script = "set -euo pipefail\n" + "\n".join(shortened(c, root) for c in cmds)
+  res = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True,
+                       env=subprocess_env({"BIGVL_DATA": data_dir}), timeout=900)
+  assert res.returncode == 0, (f"a runnable block failed\n{script}\n--- stdout\n"
+                               f"{res.stdout[-2000:]}\n--- stderr\n{res.stderr[-3000:]}")
