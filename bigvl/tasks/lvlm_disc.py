@@ -121,9 +121,11 @@ class Task(base.Task):
     self.num_threads = positive_int(inp, "num_threads", 2)
     self.source, self.info = sources.get_source(
         self.dataset, inp.typed("train_split", str, "train"), self.data_dir)
-    self.image_size = inp.typed("image_size", int, None) or int(
-        self.info.features["image"].shape[0])
-    native = int(self.info.features["image"].shape[0])
+    native = self.info.features["image"].shape[0]  # None: the images vary in size
+    self.image_size = inp.typed("image_size", int, None) or (int(native) if native else None)
+    if self.image_size is None:
+      raise ConfigError(f"config.input.image_size must be set: the images of {self.dataset} "
+                        "vary in size")
     self._image_ops = transforms.build(captioning.image_specs(
         None if self.image_size == native else self.image_size))
     self.tokenizer = tok = lvlm_caption.load_tokenizer(inp, self.data_dir)

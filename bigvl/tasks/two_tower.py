@@ -209,12 +209,12 @@ class Task(base.Task):
     if self.start_step < 0:
       raise ConfigError(f"config.loss.mining.start_step must be >= 0, got {self.start_step}")
     self.max_per_image = positive_int(m, "max_per_image", None)
+    teacher = m.typed("teacher_ckpt", str, None)
+    if self.mining == "none":  # the mining knobs are read (a config may keep them) but idle
+      return
     if self.max_per_image and not self.variant.mined_as_ids:
       raise ConfigError(f"config.loss.mining.max_per_image (mined positives as text ids) is "
                         f"for loss.impl='ring'; {self.loss_name}/{self.impl} takes the mask")
-    teacher = m.typed("teacher_ckpt", str, None)
-    if self.mining == "none":
-      return
     if not self.variant.multi_positive:
       raise ConfigError(f"config.loss.mining needs loss.name='sigmoid' (mined pairs are extra "
                         f"positives, which the {self.loss_name} loss cannot have)")

@@ -337,3 +337,13 @@ def test_groups_mining_needs_a_group_key(shapes_data_dir):
   c.loss.mining = {"source": "groups"}
   with pytest.raises(ConfigError, match="group_key"):
     train.build(c)
+
+
+def test_mining_knobs_are_idle_when_mining_is_off(shapes_data_dir):
+  """A config that keeps ring-only knobs (the full-size FFF config's ``max_per_image``) builds
+  with the dense softmax loss once mining is off: they matter only with mining on."""
+  c = _config(shapes_data_dir)
+  c.loss.mining.update({"source": "none", "max_per_image": 4})
+  c.update_from_flattened_dict({"loss.name": "softmax", "input.captions_per_image": 1})
+  run = train.build(c)
+  assert run.task.mining == "none" and run.task.max_per_image == 4
