@@ -36,8 +36,9 @@ setup(
     ],
     extras_require={
         # torch (CPU) + transformers: the checkpoint parity tests build tiny public models
+        # nbclient + nbformat + ipykernel: the notebook test executes notebooks/evaluate.ipynb
         "test": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6", "torch==2.13.0",
-                 "transformers>=5.0"],
+                 "transformers>=5.0", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
     },

@@ -112,8 +112,8 @@ def test_eval_cli_reproduces_the_loops_final_evaluation(demo):
 
 @pytest.mark.slow
 def test_notebook_runs_top_to_bottom_on_the_demo_workdir(demo):
-  nbformat = pytest.importorskip("nbformat")
-  nbclient = pytest.importorskip("nbclient")
+  import nbclient
+  import nbformat
   workdir, env = demo
   nb = nbformat.read(os.path.join(REPO, "notebooks", "evaluate.ipynb"), as_version=4)
   old = dict(os.environ)
