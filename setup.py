@@ -28,6 +28,7 @@ setup(
         "absl-py>=2.0",
         "mlxtend>=0.23",
         "matplotlib>=3.7",  # training curves and evaluation figures (bigvl/plots.py)
+        "pandas>=2",  # the evaluation notebook's tables
         "scikit-learn>=1.4",
         "scipy>=1.10",  # Hungarian matching of unsupervised segmentation clusters
         "ott-jax>=0.6",  # Sinkhorn of U-LFA (bigvl/tasks/lfa.py)
