@@ -117,8 +117,9 @@ def test_notebook_runs_top_to_bottom_on_the_demo_workdir(demo):
   workdir, env = demo
   nb = nbformat.read(os.path.join(REPO, "notebooks", "evaluate.ipynb"), as_version=4)
   old = dict(os.environ)
-  os.environ.update(subprocess_env({**env, "BIGVL_WORKDIR": str(workdir),
-                                    "BIGVL_CONFIG": CONFIG}))
+  kernel_env = subprocess_env({**env, "BIGVL_WORKDIR": str(workdir), "BIGVL_CONFIG": CONFIG})
+  os.environ.clear()  # the kernel starts with a user's environment (no test XLA_FLAGS)
+  os.environ.update(kernel_env)
   try:  # the kernel inherits this environment; any cell error raises here
     nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                             resources={"metadata": {"path": os.path.join(REPO, "notebooks")}}
