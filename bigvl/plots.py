@@ -184,17 +184,11 @@ def similarity_heatmap(sims: np.ndarray, title: str = "image-caption similarity"
   return fig
 
 
-def confusion_matrix(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
-  """``C[t, p]`` = how many examples of true class ``t`` were predicted ``p``."""
-  c = np.zeros((num_classes, num_classes), np.int64)
-  np.add.at(c, (np.asarray(truth, np.int64), np.asarray(pred, np.int64)), 1)
-  return c
-
-
 def confusion_figure(confusion: np.ndarray, class_names: Sequence[str] | None = None,
                      title: str = "confusion matrix") -> Any:
-  """Row-normalised confusion matrix (true class -> predicted class), counts written in
-  the cells when there are at most 20 classes."""
+  """``confusion [true, predicted]`` counts (the transpose of
+  ``evaluators._confusion.confusion_matrix``) drawn row-normalised, counts written in the cells
+  when there are at most 20 classes."""
   c = np.asarray(confusion, np.float64)
   n = c.shape[0]
   rates = c / np.maximum(c.sum(axis=1, keepdims=True), 1)

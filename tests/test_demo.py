@@ -29,7 +29,8 @@ def readme_demo() -> tuple[list[str], list[str]]:
   line = re.search(r"```console\n(.*?)\n", text).group(1)
   install, train, evaluate = (shlex.split(part) for part in line.split(" && "))
   assert install[:3] == ["pip", "install", "-e"]
-  assert train[:3] == evaluate[:3][:2] + ["bigvl.main"] and evaluate[2] == "bigvl.eval"
+  assert train[:3] == ["python", "-m", "bigvl.main"]
+  assert evaluate[:3] == ["python", "-m", "bigvl.eval"]
   assert line in open(os.path.join(REPO, "docs", "index.md")).read()
   return train[3:], evaluate[3:]
 

@@ -65,9 +65,12 @@ def test_write_training_curves_writes_a_png(tmp_path):
 
 
 def test_confusion_matrix_matches_sklearn():
+  """The shared ``C[predicted, true]`` the figures draw transposed."""
+  from bigvl.evaluators._confusion import confusion_matrix
+
   rng = np.random.default_rng(0)
   truth, pred = rng.integers(0, 5, 300), rng.integers(0, 5, 300)
-  np.testing.assert_array_equal(plots.confusion_matrix(pred, truth, 5),
+  np.testing.assert_array_equal(confusion_matrix(pred, truth, 5, 5, ignore_label=None).T,
                                 sk_confusion(truth, pred, labels=range(5)))
 
 

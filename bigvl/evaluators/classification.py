@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from bigvl import parallel, plots
 from bigvl.config import ConfigError, Reader
 from bigvl.data import pipeline
+from bigvl.evaluators._confusion import confusion_matrix
 from bigvl.evaluators._split import read_eval_split
 from bigvl.tasks.base import EvalView
 
@@ -76,4 +77,5 @@ class Evaluator:
     """``{'confusion'}``: the confusion matrix over the split."""
     preds, labels = self.predictions(params, state)
     n = int(max(preds.max(), labels.max())) + 1
-    return {"confusion": plots.confusion_figure(plots.confusion_matrix(preds, labels, n))}
+    c = confusion_matrix(preds, labels, n, n, ignore_label=None).T  # [true, predicted]
+    return {"confusion": plots.confusion_figure(c)}

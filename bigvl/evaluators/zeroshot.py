@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from bigvl import plots
 from bigvl.config import ConfigError, Reader
+from bigvl.evaluators._confusion import confusion_matrix
 from bigvl.evaluators._embedding import SplitEmbedder
 from bigvl.models.two_tower import l2_normalize
 from bigvl.tasks.base import EvalView
@@ -60,5 +61,6 @@ class Evaluator:
   def figures(self, params: Any, state: Any = None) -> dict[str, Any]:
     """``{'confusion'}``: the zero-shot confusion matrix over the split."""
     pred, label = self.predictions(params, state)
-    c = plots.confusion_matrix(pred, label, len(self.class_names))
+    n = len(self.class_names)
+    c = confusion_matrix(pred, label, n, n, ignore_label=None).T  # [true, predicted]
     return {"confusion": plots.confusion_figure(c, self.class_names, "zero-shot")}
