@@ -1,7 +1,7 @@
 """bigvl's SigLIP train step against open_clip's, same model size, batch and machine.
 
   python bench/compare.py [--size s16] [--batch 32] [--dtypes float32,bfloat16] \\
-      [--rounds 2] [--steps 5] [--warmup 2] [--json F]
+      [--rounds 2] [--steps 5] [--warmup 2] [--json F] [--open_clip_heap system|retain]
 
 The model is SigLIP's ViT-S/16 (``--size s16``) or ViT-B/16 (``b16``) pair of towers
 (``configs/siglip_shapes.py:size=...``): a 224-px ViT with mean pooling and a 12-layer,
@@ -12,6 +12,11 @@ benchmark) builds the same shapes from its own ``CLIP`` class and ``SigLipLoss``
 with ``torch.optim.AdamW``; its bf16 row is ``torch.autocast('cpu', bfloat16)`` (open_clip's
 ``--precision amp_bf16``), bigvl's is ``config.model.dtype=bfloat16`` (f32 parameters and
 optimizer state in both).
+
+bigvl's subprocess runs its step as ``python -m bigvl.main`` would: with
+``config.runtime.host_heap`` (default ``auto``: on a CPU, glibc tunables that keep XLA's
+per-step scratch memory mapped, :mod:`bigvl.heap`). open_clip's runs with the environment as
+it is (``--open_clip_heap retain`` gives it the same tunables: docs/benchmarks.md has both).
 
 Each measurement runs in its own subprocess (no allocator or thread-pool state carries over)
 and the implementations alternate within each round, so a drift of the machine hits both.
@@ -82,11 +87,14 @@ def bigvl_config(size: str, batch: int, dtype: str) -> Any:
 def run_bigvl(size: str, batch: int, dtype: str, steps: int, warmup: int) -> dict[str, Any]:
   sys.path.insert(0, REPO)
   from bench import throughput
+  from bigvl import heap
 
-  r = throughput.measure(bigvl_config(size, batch, dtype), steps=steps, warmup=warmup,
+  config = bigvl_config(size, batch, dtype)
+  heap.ensure(config.runtime.host_heap)  # as `python -m bigvl.main` runs (this is a subprocess)
+  r = throughput.measure(config, steps=steps, warmup=warmup,
                          spec=f"configs/siglip_shapes.py:size={size}")
   return {k: r[k] for k in ("examples_per_s", "step_s", "step_s_all", "flops_per_device",
-                            "compile_s", "max_rss_mb", "loss")}
+                            "compile_s", "max_rss_mb", "loss", "host_heap")}
 
 
 def open_clip_model(size: str) -> Any:
@@ -148,12 +156,20 @@ def run_open_clip(size: str, batch: int, dtype: str, steps: int,
           "open_clip": sys.modules["open_clip"].__version__}
 
 
-def one(impl: str, size: str, batch: int, dtype: str, steps: int, warmup: int) -> dict:
-  """One measurement in a fresh subprocess (its last stdout line is the JSON result)."""
+def one(impl: str, size: str, batch: int, dtype: str, steps: int, warmup: int,
+        retain_heap: bool = False) -> dict:
+  """One measurement in a fresh subprocess (its last stdout line is the JSON result);
+  ``retain_heap``: the subprocess starts under :mod:`bigvl.heap`'s glibc tunables."""
   cmd = [sys.executable, os.path.abspath(__file__), "--_one", impl, "--size", size,
          "--batch", str(batch), "--dtypes", dtype, "--steps", str(steps),
          "--warmup", str(warmup)]
-  out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
+  env = dict(os.environ)
+  if retain_heap:
+    sys.path.insert(0, REPO)
+    from bigvl import heap
+
+    env = heap.retain_environ(env) or env
+  out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False, env=env)
   if out.returncode:
     raise RuntimeError(f"{impl} {dtype} failed:\n{out.stderr[-3000:]}")
   r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -202,6 +218,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--impls", default=",".join(IMPLS))
   p.add_argument("--json", default=None, help="append every measurement here (JSON lines)")
+  p.add_argument("--open_clip_heap", default="system", choices=("system", "retain"),
+                 help="retain: open_clip runs under bigvl.heap's glibc tunables too")
   p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if a._one:
@@ -214,7 +232,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for dtype in a.dtypes.split(","):
       order = impls if rnd % 2 == 0 else impls[::-1]  # alternate who goes first
       for impl in order:
-        r = one(impl, a.size, a.batch, dtype, a.steps, a.warmup)
+        r = one(impl, a.size, a.batch, dtype, a.steps, a.warmup,
+                retain_heap=impl == "open_clip" and a.open_clip_heap == "retain")
         r["round"] = rnd
         results.append(r)
         print(f"round {rnd} {impl:9s} {dtype:8s} {r['examples_per_s']:.2f} ex/s "

@@ -16,7 +16,10 @@ config's data over and over (the input pipeline is not what is timed). Printed:
   CPU, a measured large matmul (:func:`cpu_peak_flops`) in the step's compute dtype;
 * ``compile_s``: lowering + compiling the step; ``xla_temp_mb`` / ``xla_args_mb``: XLA's
   memory analysis of the compiled step (temporaries; arguments = state + batch);
-  ``max_rss_mb``: the process's peak resident memory (CPU: includes everything above).
+  ``max_rss_mb``: the process's peak resident memory (CPU: includes everything above);
+* ``host_heap``: ``retain`` when the process runs with :mod:`bigvl.heap`'s glibc tunables
+  (run from the command line, the step is timed as ``bigvl.main`` runs it:
+  ``config.runtime.host_heap``), else ``system``.
 
 Data: ``config.input.data_dir`` if set, else ``$BIGVL_DATA``, else ``/tmp/bigvl_bench_data``
 (``shapes_captions/small`` is prepared there once when the config names ``shapes_captions``).
@@ -118,7 +121,7 @@ def measure(config: Any, *, steps: int = 5, warmup: int = 2, spec: str = "") -> 
   import jax
   import numpy as np
 
-  from bigvl import metrics
+  from bigvl import heap, metrics
 
   run, compiled, state, batch, compile_s = compile_step(config)
   state, aux, times = time_steps(compiled, state, batch, steps=steps, warmup=warmup)
@@ -142,7 +145,8 @@ def measure(config: Any, *, steps: int = 5, warmup: int = 2, spec: str = "") -> 
       "xla_args_mb": getattr(mem, "argument_size_in_bytes", 0) / 2**20,
       "xla_out_mb": getattr(mem, "output_size_in_bytes", 0) / 2**20,
       "xla_alias_mb": getattr(mem, "alias_size_in_bytes", 0) / 2**20,
-      "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loss": loss}
+      "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loss": loss,
+      "host_heap": "retain" if heap.in_effect() else "system"}
 
 
 def format_row(r: dict[str, Any]) -> str:
@@ -154,19 +158,20 @@ def format_row(r: dict[str, Any]) -> str:
           f"{g(r['achieved_flops_per_device'])} GFLOP/s, MFU {mfu} of "
           f"{g(r['peak_flops'])} GFLOP/s ({r['peak_source']}), compile {r['compile_s']:.1f} s, "
           f"XLA temp {r['xla_temp_mb']:.0f} MB + args {r['xla_args_mb']:.0f} MB, "
-          f"max RSS {r['max_rss_mb']:.0f} MB")
+          f"max RSS {r['max_rss_mb']:.0f} MB, host heap {r.get('host_heap', '?')}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  argv = list(sys.argv[1:] if argv is None else argv)
+  cli_argv, argv = argv, list(sys.argv[1:] if argv is None else argv)
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--json", default=None, help="append the result as one JSON line here")
   args, rest = p.parse_known_args(argv)
-  from bigvl.main import _parse, _take_config_flag
+  from bigvl.main import _parse, _take_config_flag, ensure_host_heap
 
   fv = _parse(["bench.throughput", *rest], need_workdir=False)
+  ensure_host_heap(fv.config, cli_argv)  # the step as bigvl.main runs it
   spec = " ".join([_take_config_flag(rest)[0] or "", *_take_config_flag(rest)[1]])
   res = measure(fv.config, steps=args.steps, warmup=args.warmup, spec=spec)
   print(format_row(res), flush=True)

@@ -226,9 +226,11 @@ def _where(e: BaseException, path: str) -> str:
 #: one (about one state's worth of memory less); ``profile_start``/``profile_steps``: a
 #: ``jax.profiler`` trace of that many steps from that step into ``<workdir>/profile``
 #: (TensorBoard's profile tab, xprof or Perfetto read it); ``kill -USR1 <pid>`` traces the
-#: next ``profile_steps`` (3 if unset) steps of a running job.
+#: next ``profile_steps`` (3 if unset) steps of a running job; ``host_heap``: ``'auto'`` /
+#: ``'retain'`` / ``'system'``, whether a CPU run's process keeps XLA's per-step scratch
+#: memory mapped between steps (:mod:`bigvl.heap`; read by the entry points, before jax starts).
 RUNTIME_DEFAULTS = {"async_checkpoint": True, "donate": True, "profile_start": 0,
-                    "profile_steps": 0}
+                    "profile_steps": 0, "host_heap": "auto"}
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

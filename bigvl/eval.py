@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     flags.DEFINE_list("evals", None, "only these evaluators of config.evals", flag_values=fv)
 
   fv = cli._parse(list(sys.argv if argv is None else argv), extra_flags=extra_flags)
+  cli.ensure_host_heap(fv.config, argv)
   cli.quiet_logging(fv.log_level)
   from bigvl import parallel
 

@@ -88,8 +88,23 @@ def quiet_logging(level: str) -> None:
     logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def ensure_host_heap(config, argv: list[str] | None) -> None:
+  """``config.runtime.host_heap`` (:mod:`bigvl.heap`) for a command run as its own process
+  (``argv is None``): may re-execute the command line; a bad value exits 2. A caller passing
+  ``argv`` (a test, a notebook) keeps its process as it is."""
+  if argv is not None:
+    return
+  from bigvl import heap
+
+  try:
+    heap.ensure(config.runtime.get("host_heap", "auto"))
+  except ValueError as e:
+    _fail(str(e))
+
+
 def main(argv: list[str] | None = None) -> None:
   fv = _parse(list(sys.argv if argv is None else argv))
+  ensure_host_heap(fv.config, argv)
   quiet_logging(fv.log_level)
 
   from bigvl import parallel, train

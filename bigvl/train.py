@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from bigvl import checkpoint, metrics, optim, parallel, plots, registry
+from bigvl import checkpoint, heap, metrics, optim, parallel, plots, registry
 from bigvl.config import RUNTIME_DEFAULTS, ConfigError, Reader, positive_int, read_knobs
 from bigvl.tasks.base import EvalView, Task
 
@@ -130,6 +130,10 @@ def read_runtime(r: Reader | None) -> dict:
   for name in ("profile_start", "profile_steps"):
     if out[name] < 0:
       raise ConfigError(f"config.runtime.{name} must be >= 0, got {out[name]}")
+  try:
+    heap.resolve(out["host_heap"])
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   return out
 
 

@@ -46,6 +46,8 @@ CASES = [
     (TINY, "--config.optim.name=sgd", "config.optim.b2 is not used by optim.name='sgd'"),
     (TINY, "--config.runtime.profile_steps=-1", "config.runtime.profile_steps must be >= 0, "
      "got -1"),
+    (TINY, "--config.runtime.host_heap=big", "config.runtime.host_heap='big': one of auto, "
+     "retain, system"),
     ("configs/no_such.py", None, "--config configs/no_such.py: no such file"),
     ("configs/siglip_shapes.py:tiny,nosuch", None,
      "--config configs/siglip_shapes.py:tiny,nosuch: unknown config arg 'nosuch'; "
