@@ -96,9 +96,10 @@ def attribute(events: list[dict], index: dict[str, tuple[str, str]],
 
 
 def main(argv: list[str] | None = None) -> None:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_cpu_enable_xprof_traceme=true").strip()
+  argv_given, argv = argv, list(sys.argv[1:] if argv is None else argv)
+  if "--xla_cpu_enable_xprof_traceme" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_cpu_enable_xprof_traceme=true").strip()
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--steps", type=int, default=2)
   p.add_argument("--top", type=int, default=25)
@@ -109,9 +110,10 @@ def main(argv: list[str] | None = None) -> None:
   import jax
 
   from bench import throughput
-  from bigvl.main import _parse
+  from bigvl.main import _parse, ensure_host_heap
 
   config = _parse(["bench.profile_step", *rest], need_workdir=False).config
+  ensure_host_heap(config, None if argv_given is None else argv)
   _, compiled, state, batch, _ = throughput.compile_step(config)
   state, _, _ = throughput.time_steps(compiled, state, batch, steps=1, warmup=1)
   t0 = time.perf_counter()
