@@ -42,6 +42,8 @@ KNOBS: dict[str, tuple[str, list[str]]] = {
     "scan_remat_full": ("nn.scan + remat full", [*_towers("scan", "True"),
                                                   *_towers("remat", "full")]),
     "no_donate": ("no buffer donation", ["--config.runtime.donate=False"]),
+    "system_heap": ("glibc's default heap (no retained scratch)",
+                    ["--config.runtime.host_heap=system"]),
 }
 
 

@@ -78,14 +78,28 @@ def retain_environ(environ: dict[str, str]) -> dict[str, str] | None:
   return env
 
 
+def system_environ(environ: dict[str, str]) -> dict[str, str] | None:
+  """``environ`` without :data:`RETAIN_TUNABLES` (inherited from a parent that had them);
+  None when it has none of them."""
+  current = environ.get("GLIBC_TUNABLES", "").split(":")
+  kept = [t for t in current if t and t not in RETAIN_TUNABLES]
+  if len(kept) == len([t for t in current if t]):
+    return None
+  env = dict(environ)
+  env.pop("GLIBC_TUNABLES")
+  if kept:
+    env["GLIBC_TUNABLES"] = ":".join(kept)
+  return env
+
+
 def ensure(mode: str) -> None:
-  """Re-executes this process's command line under :data:`RETAIN_TUNABLES` when ``mode``
-  resolves to ``'retain'`` and they are not in effect yet; returns otherwise. Call it from a
-  command's entry point before jax starts (``bigvl.main``, ``bigvl.eval``,
-  ``bench.throughput``), never from a library function: the process is replaced."""
-  if resolve(mode) != "retain":
-    return
-  env = retain_environ(dict(os.environ))
+  """Re-executes this process's command line so that :data:`RETAIN_TUNABLES` are in effect
+  exactly when ``mode`` resolves to ``'retain'`` (added, or removed when a ``'system'``
+  process inherited them); returns when they already are. Call it from a command's entry
+  point before jax starts (``bigvl.main``, ``bigvl.eval``, ``bench.throughput``), never
+  from a library function: the process is replaced."""
+  environ = dict(os.environ)
+  env = (retain_environ(environ) if resolve(mode) == "retain" else system_environ(environ))
   if env is None:
     return
   sys.stdout.flush()

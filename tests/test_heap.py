@@ -39,6 +39,10 @@ def test_tunables_merge_and_never_override_the_users():
                                               *heap.RETAIN_TUNABLES]
   assert heap.retain_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}) is None
   assert heap.retain_environ(env) is None  # after the re-exec: nothing more to do
+  back = heap.system_environ(env)  # a 'system' child of a retained parent drops ours only
+  assert back["GLIBC_TUNABLES"] == "glibc.cpu.hwcaps=-AVX512F" and back["X"] == "1"
+  assert "GLIBC_TUNABLES" not in heap.system_environ(heap.retain_environ({}))
+  assert heap.system_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}) is None
 
 
 PROBE = textwrap.dedent("""
@@ -62,8 +66,13 @@ PROBE = textwrap.dedent("""
 
 
 def _probe(mode: str) -> tuple[bool, list[int]]:
+  """Starts the probe with the environment of the other mode, so that :func:`heap.ensure`
+  re-executes it either way (adding the tunables, or dropping inherited ones)."""
   env = subprocess_env({"JAX_PLATFORMS": "cpu"})
-  env.pop("GLIBC_TUNABLES", None)
+  if mode == "retain":
+    env.pop("GLIBC_TUNABLES", None)
+  else:
+    env = heap.retain_environ(env) or env
   out = subprocess.run([sys.executable, "-c", PROBE, mode], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
