@@ -14,7 +14,9 @@ frees it when the step ends. glibc's ``malloc`` serves a request that large with
 what it once held: one arena (``glibc.malloc.arena_max=1``, so XLA's threads allocate from the
 ``brk`` heap, not from per-thread arenas too small for the buffer), no ``mmap`` chunks
 (``mmap_max=0``) and no trimming of the heap's top below 64 GiB free
-(``trim_threshold``). The next step's ``malloc`` finds the freed buffer, already faulted in:
+(``trim_threshold``). The next step's ``malloc`` finds the freed buffer, already faulted in;
+a page faults only when the heap grows past its high-water mark (a few buffers at most:
+asynchronous dispatch can allocate one execution's buffer before the previous one is freed):
 at S16, f32, batch 32, the step goes from 8.6 to 7.6 s (``bench/compare.py``,
 docs/benchmarks.md). The price is the caching allocators' price: the process's resident
 memory stays at its peak instead of shrinking between steps.

@@ -57,7 +57,7 @@ PROBE = textwrap.dedent("""
 
     x, w = jnp.ones((4096, 64)), jnp.ones((64, 4096)) / 64
     faults = []
-    for _ in range(4):
+    for _ in range(16):
       r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       step(x, w).block_until_ready()
       faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
@@ -82,11 +82,15 @@ def _probe(mode: str) -> tuple[bool, list[int]]:
 
 @pytest.mark.skipif(not GLIBC, reason="glibc tunables")
 def test_retained_heap_reuses_the_step_scratch_without_page_faults():
+  """glibc's default maps each execution's scratch afresh (every step faults all its pages);
+  the retained heap faults a page only when the heap grows past its high-water mark, which
+  holds a few scratch buffers at most (asynchronous dispatch can allocate the next
+  execution's before the previous one's is freed)."""
   pages = 4096 * 4096 * 4 // os.sysconf("SC_PAGE_SIZE")
-  retained, faults = _probe("retain")  # re-executes itself under the tunables
+  retained, kept = _probe("retain")  # re-executes itself under the tunables
   assert retained
-  assert faults[0] >= pages // 2  # the first execution maps its scratch ...
-  assert max(faults[1:]) < pages // 20, faults  # ... and the next ones reuse it
-  retained, faults = _probe("system")
+  assert sorted(kept)[len(kept) // 2] < pages // 20, kept  # most steps fault nothing
+  retained, fresh = _probe("system")  # re-executes itself without them
   assert not retained
-  assert min(faults[1:]) > pages // 2, faults  # glibc's default: a fresh mapping each step
+  assert min(fresh[1:]) > pages // 2, fresh  # every step faults its scratch in
+  assert sum(kept) < sum(fresh) / 2, (kept, fresh)
