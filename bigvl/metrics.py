@@ -77,6 +77,21 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(ln) for ln in f if ln.strip()]
 
 
+def summary_writer_class() -> type:
+  """tensorboardX's ``SummaryWriter``, imported without PyTorch: tensorboardX imports torch
+  when it can (only to accept torch tensors), 2.4 s and ~300 MB of a run's start where torch
+  is installed. Scalars need none of it; a torch already imported is left as it is."""
+  if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` -> ImportError
+    try:
+      import tensorboardX  # noqa: F401
+    finally:
+      del sys.modules["torch"]
+  from tensorboardX import SummaryWriter
+
+  return SummaryWriter
+
+
 class MetricWriter:
   """Writes scalars to jsonl + TensorBoard, prints the progress line."""
 
@@ -90,8 +105,7 @@ class MetricWriter:
     if self.active:
       os.makedirs(workdir, exist_ok=True)
       if tensorboard:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
+        self._tb = summary_writer_class()(os.path.join(workdir, "tb"), flush_secs=30)
     self._t0, self._step0 = None, None
     self.step_flops = step_flops  # per device
     self.peak = peak_flops(jax.devices()[0].device_kind)

@@ -70,3 +70,40 @@ def test_write_and_truncate_jsonl(tmp_path):
     f.write('{"step": 8, "lo')  # a line cut short by a kill
   metrics.truncate_jsonl(w.jsonl_path, 4)
   assert metrics.read_jsonl(w.jsonl_path) == [{"step": 2, "loss": 0.2}, {"step": 4, "loss": 0.4}]
+
+
+def test_tensorboard_writer_loads_without_torch_and_writes_scalars(tmp_path):
+  """tensorboardX would import PyTorch (2.4 s of every run's start where it is installed);
+  the writer comes without it, its events hold the scalars, and torch still imports after."""
+  import subprocess
+  import sys
+
+  from tests.helpers import REPO, subprocess_env
+
+  code = (
+      "import sys\n"
+      "from bigvl import metrics\n"
+      "w = metrics.MetricWriter(sys.argv[1], total_steps=2, examples_per_step=4)\n"
+      "w.write(1, {'loss': 0.5})\n"
+      "w.close()\n"
+      "print('torch' in sys.modules)\n"
+      "import importlib.util\n"
+      "print(importlib.util.find_spec('torch') is None or __import__('torch') is not None)\n")
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO,
+                       env=subprocess_env(), capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["False", "True"]
+  import glob
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  scalars = []
+  for path in glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*")):
+    data = open(path, "rb").read()
+    while data:  # TFRecord: uint64 length, uint32 crc, payload, uint32 crc
+      (n,) = struct.unpack("<Q", data[:8])
+      event = event_pb2.Event.FromString(data[12:12 + n])
+      scalars += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+      data = data[12 + n + 4:]
+  assert scalars == [(1, "loss", 0.5)]

@@ -57,7 +57,10 @@ def test_a_trace_still_open_at_the_end_is_closed(tmp_path, capsys):
 
 def test_runtime_defaults_and_bad_values():
   assert read_runtime(None) == {"async_checkpoint": True, "donate": True, "profile_start": 0,
-                                "profile_steps": 0}
+                                "profile_steps": 0, "host_heap": "auto"}
+  with pytest.raises(ConfigError, match="host_heap='maybe': one of auto, retain, system"):
+    read_runtime(Reader(ml_collections.ConfigDict(
+        {"runtime": {"host_heap": "maybe"}})).get("runtime"))
   bad = ml_collections.ConfigDict({"runtime": {"profile_start": -2}})
   with pytest.raises(ConfigError, match="profile_start must be >= 0"):
     read_runtime(Reader(bad).get("runtime"))
