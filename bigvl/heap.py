@@ -28,7 +28,10 @@ the CPU backend (``JAX_PLATFORMS=cpu``, or no accelerator plugin installed) -- a
 ``'system'`` (glibc's defaults, nothing re-executed) elsewhere: on a GPU/TPU host the step's
 buffers live on the device, and one arena would serialize the input pipeline's threads.
 A ``GLIBC_TUNABLES`` that already sets any ``glibc.malloc.*`` tunable is the user's choice and
-is left alone.
+is left alone. A tool that starts the command and follows its interpreter (``py-spy record --
+python -m bigvl.main ...``) loses it at the re-exec: give such runs
+``--config.runtime.host_heap=system``, or export :data:`RETAIN_TUNABLES` as
+``GLIBC_TUNABLES`` first (then nothing is re-executed).
 """
 
 from __future__ import annotations
