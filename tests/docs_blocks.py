@@ -12,9 +12,7 @@ commands (``#`` comments, ``\\`` continuations); the tests run each block as one
   once, by the first command that needs them),
 * ``:tiny`` settings made shorter still: every ``python -m bigvl.main`` command not setting
   its length gets ``--config.total_steps=2`` (the whole flow runs -- data, compile, steps,
-  checkpoint, evaluators, plots -- not the minutes of training),
-* XLA's backend at optimisation level 0 (``XLA_FLAGS``), as in the test processes: a block
-  checks that its commands run, and two steps of a tiny model are all compile time.
+  checkpoint, evaluators, plots -- not the minutes of training).
 
 Blocks opened with ```` ```console ```` are shown, not run: full-size runs, real datasets,
 accelerators, benchmarks and experiment sweeps (each of those names the script or test that
@@ -36,7 +34,6 @@ FENCE = re.compile(r"^```console runnable[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 DOCS = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(
     os.path.join(REPO, "docs")) if f.endswith(".md"))
 SHORT = "--config.total_steps=2"
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def commands(block: str) -> list[str]:
@@ -82,7 +79,6 @@ def run_block(cmds: list[str], data_dir: str, root: str) -> None:
   """Runs one block's commands as a bash script (see the module docstring)."""
   script = "set -euo pipefail\n" + "\n".join(shortened(c, root) for c in cmds)
   res = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True,
-                       env=subprocess_env({"BIGVL_DATA": data_dir, "XLA_FLAGS": FAST_COMPILE}),
-                       timeout=900)
+                       env=subprocess_env({"BIGVL_DATA": data_dir}), timeout=900)
   assert res.returncode == 0, (f"a runnable block failed\n{script}\n--- stdout\n"
                                f"{res.stdout[-2000:]}\n--- stderr\n{res.stderr[-3000:]}")
