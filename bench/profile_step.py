@@ -3,14 +3,16 @@ thunk's time attributed to its HLO instruction and summed by kind.
 
   python -m bench.profile_step --config configs/siglip_shapes.py:size=s16 \\
       --config.input.batch_size=32 [--config.key=value ...] [--steps 2] [--top 25] \\
-      [--trace_dir D]
+      [--top_ops 25] [--trace_dir D]
 
 Runs with ``--xla_cpu_enable_xprof_traceme`` (set here before jax loads) so that XLA:CPU
 records one trace event per thunk (a dot, a fusion, a copy ...). Printed: ms per step by
 kind -- ``dot`` / ``conv`` (matmuls, in whatever fusion holds them), ``fusion:<root op>``
 (elementwise / reduction loop fusions, by the op that ends them), ``copy`` / ``transpose``
 (layout changes), ``scatter`` / ``gather``, ``all-*`` collectives, ``other`` -- and the
-``--top`` single instructions with their shapes, so each millisecond has a name. The sum is
+``--top`` single instructions with their shapes, so each millisecond has a name, and the
+non-matmul time grouped by the jax op it came from with layer numbers folded (``--top_ops``
+rows: e.g. the attention's head transposes of all 12 blocks as one row). The sum is
 compared with the step's wall time (the rest is thread-pool idle time and dispatch).
 """
 
@@ -28,6 +30,8 @@ import sys
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?)(?:\{[^}]*\})? (\S+?)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_OP_NAME = re.compile(r'op_name="([^"]+)"')
+_LAYER = re.compile(r"(block|layers_?)\d+")
 
 
 def hlo_index(text: str) -> dict[str, tuple[str, str]]:
@@ -68,6 +72,30 @@ def hlo_index(text: str) -> dict[str, tuple[str, str]]:
   return out
 
 
+def op_names(text: str) -> dict[str, str]:
+  """Instruction name -> the jax op it came from (its ``op_name`` metadata, without the
+  ``jit(...)/`` prefix), layer numbers folded (``block7`` -> ``blockN``) so that the same op of
+  every layer is one group; instructions without metadata are absent."""
+  out = {}
+  for line in text.splitlines():
+    m, op = _INSTR.match(line), _OP_NAME.search(line)
+    if m and op:
+      out[m.group(1)] = _LAYER.sub(r"\1N", op.group(1).split("/", 1)[-1])
+  return out
+
+
+def by_op(by_instr: collections.Counter, index: dict[str, tuple[str, str]],
+          ops: dict[str, str]) -> collections.Counter:
+  """ms per step of the non-matmul thunks grouped by ``(kind, shape, op)``: where the time
+  outside the dots goes, one row per op of a layer (summed over layers)."""
+  out: collections.Counter = collections.Counter()
+  for name, ms in by_instr.items():
+    kind, shape = index[name]
+    if kind not in ("dot", "conv"):
+      out[(kind, shape, ops.get(name, "?"))] += ms
+  return out
+
+
 def read_trace(trace_dir: str) -> list[dict]:
   paths = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))
   if not paths:
@@ -103,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--steps", type=int, default=2)
   p.add_argument("--top", type=int, default=25)
+  p.add_argument("--top_ops", type=int, default=25,
+                 help="rows of the non-matmul time grouped by op (layers folded)")
   p.add_argument("--trace_dir", default="/tmp/bigvl_profile")
   args, rest = p.parse_known_args(argv)
   import time
@@ -113,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
   from bigvl.main import _parse, ensure_host_heap
 
   config = _parse(["bench.profile_step", *rest], need_workdir=False).config
-  ensure_host_heap(config, None if argv_given is None else argv)
+  ensure_host_heap(config, argv_given)
   _, compiled, state, batch, _ = throughput.compile_step(config)
   state, _, _ = throughput.time_steps(compiled, state, batch, steps=1, warmup=1)
   t0 = time.perf_counter()
@@ -121,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     state, _, times = throughput.time_steps(compiled, state, batch, steps=args.steps,
                                             warmup=0)
   wall_ms = 1e3 * (time.perf_counter() - t0) / args.steps
-  index = hlo_index(compiled.as_text())
+  text = compiled.as_text()
+  index = hlo_index(text)
   by_kind, by_instr, total = attribute(read_trace(args.trace_dir), index, args.steps)
   step_ms = 1e3 * sum(times) / len(times)
   print(f"step {step_ms:.0f} ms (traced; {wall_ms:.0f} ms with the profiler's overhead); "
@@ -133,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
   for name, ms in by_instr.most_common(args.top):
     kind, shape = index[name]
     print(f"| {name} | {kind} | {shape} | {ms:.1f} |")
+  print("\n| outside the dots: op (layers folded) | kind | shape | ms / step |\n|---|---|---|---:|")
+  for (kind, shape, op), ms in by_op(by_instr, index, op_names(text)).most_common(args.top_ops):
+    print(f"| {op[-100:]} | {kind} | {shape} | {ms:.1f} |")
 
 
 if __name__ == "__main__":

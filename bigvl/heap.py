@@ -17,12 +17,12 @@ what it once held: one arena (``glibc.malloc.arena_max=1``, so XLA's threads all
 (``trim_threshold``). The next step's ``malloc`` finds the freed buffer, already faulted in;
 a page faults only when the heap grows past its high-water mark (a few buffers at most:
 asynchronous dispatch can allocate one execution's buffer before the previous one is freed):
-at S16, f32, batch 32, the step goes from 8.6 to 7.6 s (``bench/compare.py``,
-docs/benchmarks.md). The price is the caching allocators' price: the process's resident
-memory stays at its peak instead of shrinking between steps.
+at S16, f32, batch 32, the step goes from 9.1 to 7.8 s and from 1.2 million page faults to 50
+(``python -m bench.host_heap``, docs/benchmarks.md). The price is the caching allocators'
+price: the process's resident memory stays at its peak instead of shrinking between steps.
 
 glibc reads tunables only at process start, so :func:`ensure` re-executes the current command
-(``os.execv``, same process id) with ``GLIBC_TUNABLES`` set, before jax has started a thread.
+(``os.execve``, same process id) with ``GLIBC_TUNABLES`` set, before jax has started a thread.
 ``'auto'`` (the default) means ``'retain'`` where it applies -- Linux with glibc, and a run on
 the CPU backend (``JAX_PLATFORMS=cpu``, or no accelerator plugin installed) -- and
 ``'system'`` (glibc's defaults, nothing re-executed) elsewhere: on a GPU/TPU host the step's

@@ -20,8 +20,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bigvl-tests-xla-")
   os.environ["BIGVL_TESTS_OWN_XLA_CACHE"] = "1"
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-# The pytest-xdist workers (started from this environment) run their steps with the retained
-# host heap a CPU run gets (bigvl/heap.py), so no test step faults its scratch in afresh.
+# The pytest-xdist workers and every process a test starts inherit the glibc tunables of the
+# retained host heap a CPU run gets (bigvl/heap.py): no test step faults its scratch in
+# afresh, and a `python -m bigvl.main` child finds them set and does not re-execute itself.
 from bigvl import heap as _heap  # noqa: E402
 
 if _heap.resolve("auto") == "retain":

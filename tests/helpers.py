@@ -41,15 +41,10 @@ def tiny_flags(data_dir: str, **overrides) -> list[str]:
 
 def subprocess_env(env_extra: dict | None = None) -> dict:
   """This process's environment without the test session's 8-device XLA_FLAGS, plus
-  ``env_extra``; with ``bigvl.heap``'s glibc tunables already set (what ``runtime.host_heap
-  = 'auto'`` gives a CPU run), so a ``python -m bigvl.main`` child does not re-execute
-  itself to set them (tests/test_heap.py runs that path)."""
-  from bigvl import heap
-
+  ``env_extra`` (it carries conftest's glibc tunables: a ``python -m bigvl.main`` child does
+  not re-execute itself to set them; tests/test_heap.py runs that path)."""
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
-  if heap.resolve("auto") == "retain":
-    env = heap.retain_environ(env) or env
   env.update(env_extra or {})
   return env
 
