@@ -96,6 +96,7 @@ import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
 from bigvl.data.builders import shapes_segmentation
+from bigvl.data.builders._png import png_splits
 
 COLORS = {
     "red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
@@ -587,9 +588,10 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
-    return {"train": self._generate_examples("train", cfg.num_train, 0),
-            "validation": self._generate_examples("validation", cfg.num_val, 1),
-            "test": self._generate_examples("test", cfg.num_test, 2)}
+    return png_splits({"train": self._generate_examples("train", cfg.num_train, 0),
+                       "validation": self._generate_examples("validation", cfg.num_val, 1),
+                       "test": self._generate_examples("test", cfg.num_test, 2)},
+                      self.info.features)
 
   def _generate_examples(self, split: str, n: int, split_index: int):
     if self._has_equiv:

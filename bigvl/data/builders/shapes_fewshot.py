@@ -84,6 +84,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from bigvl.data.builders import shapes_captions, shapes_segmentation
+from bigvl.data.builders._png import png_splits
 
 COLORS = shapes_captions.COLORS
 SHAPES = shapes_captions.SHAPES
@@ -289,7 +290,8 @@ class ShapesFewshot(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     counts = {"train": cfg.train_per_class, "validation": cfg.val_per_class,
               "test": cfg.test_per_class}
-    return {split: self._generate_examples(split, n) for split, n in counts.items() if n > 0}
+    return png_splits({split: self._generate_examples(split, n)
+                       for split, n in counts.items() if n > 0}, self.info.features)
 
   def _generate_examples(self, split: str, per_class: int):
     cfg = self.builder_config

@@ -69,6 +69,8 @@ import math
 import numpy as np
 import tensorflow_datasets as tfds
 
+from bigvl.data.builders._png import png_splits
+
 CLASS_NAMES = ("background", "circle", "square", "triangle", "star")
 SHAPES = CLASS_NAMES[1:]
 #: the HSV hue (in [0, 1)) at the centre of each object class's colour family.
@@ -353,9 +355,9 @@ class ShapesSegmentation(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
-    return {"train": self._generate_examples(cfg.num_train, 0),
-            "validation": self._generate_examples(cfg.num_val, 1),
-            "test": self._generate_examples(cfg.num_test, 2)}
+    return png_splits({"train": self._generate_examples(cfg.num_train, 0),
+                       "validation": self._generate_examples(cfg.num_val, 1),
+                       "test": self._generate_examples(cfg.num_test, 2)}, self.info.features)
 
   def _generate_examples(self, n: int, split_index: int):
     cfg = self.builder_config
