@@ -12,7 +12,8 @@ commands (``#`` comments, ``\\`` continuations); the tests run each block as one
   once, by the first command that needs them),
 * ``:tiny`` settings made shorter still: every ``python -m bigvl.main`` command not setting
   its length gets ``--config.total_steps=2`` (the whole flow runs -- data, compile, steps,
-  checkpoint, evaluators, plots -- not the minutes of training).
+  checkpoint, evaluators, plots -- not the minutes of training),
+* XLA at -O1 (``tests.helpers.TEST_XLA_FLAGS``: the same programs, compiled sooner).
 
 Blocks opened with ```` ```console ```` are shown, not run: full-size runs, real datasets,
 accelerators, benchmarks and experiment sweeps (each of those names the script or test that

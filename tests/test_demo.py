@@ -44,12 +44,13 @@ FIGURES = ("training_curves", "retrieval_gallery", "retrieval_similarity", "zero
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-  """The README's demo command, trained once for this file: ``(workdir, env)``."""
+  """The README's demo command, trained once for this file, with the users' XLA flags (the
+other tests' processes compile at -O1, tests/helpers.py): ``(workdir, env)``."""
   root = tmp_path_factory.mktemp("demo")
   env = {"BIGVL_DATA": str(root / "data")}
   train, _ = readme_demo()
   out = run_main([a.replace(WORKDIR, str(root / "w")) for a in train], env_extra=env,
-                 timeout=1800)
+                 timeout=1800, user_xla=True)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "ex/s" in out.stdout and "ETA" in out.stdout  # the progress line
   return root / "w", env
@@ -97,7 +98,7 @@ def test_eval_cli_reproduces_the_loops_final_evaluation(demo):
   out_dir = workdir / "eval"
   _, evaluate = readme_demo()
   res = run_main([a.replace(WORKDIR, str(workdir)) for a in evaluate], env_extra=env,
-                 module="bigvl.eval", timeout=900)
+                 module="bigvl.eval", timeout=900, user_xla=True)
   assert res.returncode == 0, res.stderr[-3000:]
   assert "bigvl.eval: wrote" in res.stdout
   _assert_same_evaluation(json.loads((out_dir / "results.json").read_text()),
@@ -118,7 +119,8 @@ def test_notebook_runs_top_to_bottom_on_the_demo_workdir(demo):
   workdir, env = demo
   nb = nbformat.read(os.path.join(REPO, "notebooks", "evaluate.ipynb"), as_version=4)
   old = dict(os.environ)
-  kernel_env = subprocess_env({**env, "BIGVL_WORKDIR": str(workdir), "BIGVL_CONFIG": CONFIG})
+  kernel_env = subprocess_env({**env, "BIGVL_WORKDIR": str(workdir), "BIGVL_CONFIG": CONFIG},
+                              user_xla=True)
   os.environ.clear()  # the kernel starts with a user's environment (no test XLA_FLAGS)
   os.environ.update(kernel_env)
   try:  # the kernel inherits this environment; any cell error raises here

@@ -183,7 +183,7 @@ def get_source(name: str, split: str, root: str | None = None) -> tuple[Any, Any
 
 def _tfds_source(builder: Any, split: str) -> Any:
   """The split's records decoded to numpy: by :mod:`bigvl.data.tfds_decode` (TFDS's own
-  result, ~3x sooner) when the features are plain, else by TFDS."""
+  result, in less than half the decoding time) when the features are plain, else by TFDS."""
   from bigvl.data import tfds_decode
 
   decode = tfds_decode.fast_decoder(builder.info.features)

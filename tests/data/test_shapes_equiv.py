@@ -17,11 +17,10 @@ SPLITS = ("train", "validation", "test")
 
 
 @pytest.fixture(scope="module")
-def equiv_dir(tmp_path_factory):
-  """A data dir with ``shapes_captions/equiv_small`` prepared once for this module."""
-  root = str(tmp_path_factory.mktemp("tfds_equiv"))
-  sources.tfds_builder(NAME, root)
-  return root
+def equiv_dir(shapes_data_dir):
+  """The session's data dir, with ``shapes_captions/equiv_small`` prepared once in it."""
+  sources.tfds_builder(NAME, shapes_data_dir)
+  return shapes_data_dir
 
 
 def _load(root: str, split: str) -> list[dict]:

@@ -11,14 +11,6 @@ from bigvl.data.builders import shapes_segmentation as seg
 from bigvl.evaluators import segmentation as evaluator
 
 
-@pytest.fixture(scope="module")
-def seg_data_dir(tmp_path_factory):
-  """A data dir with ``shapes_segmentation/small`` prepared once."""
-  root = str(tmp_path_factory.mktemp("tfds_seg"))
-  sources.get_source("shapes_segmentation/small", "train", root)
-  return root
-
-
 def _split(root, split):
   src, info = sources.get_source("shapes_segmentation/small", split, root)
   return [src[i] for i in range(len(src))], info

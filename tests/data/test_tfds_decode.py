@@ -53,8 +53,8 @@ def extra_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("name,fixture", [
     ("shapes_captions/small", "shapes_data_dir"),
-    ("shapes_captions/cooc_small", "extra_dir"),
-    ("shapes_captions/equiv_small", "extra_dir"),
+    ("shapes_captions/cooc_small", "shapes_data_dir"),
+    ("shapes_captions/equiv_small", "shapes_data_dir"),
     ("shapes_segmentation/small", "seg_data_dir"),
     ("shapes_fewshot/small", "fewshot_data_dir"),
 ])
