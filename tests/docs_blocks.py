@@ -76,6 +76,17 @@ LABEL_EFFICIENT = ("docs/semisup.md", "docs/domain_adaptation.md", "docs/segment
                    "docs/scl.md")
 
 
+def main_workdirs(cmds: list[str], root: str) -> dict[str, str]:
+  """``{name: path}`` of the workdirs the block's ``python -m bigvl.main`` commands train in
+  (``/tmp/bigvl/<name>`` in the docs, under ``root`` when run)."""
+  out = {}
+  for c in cmds:
+    m = re.search(r"--workdir /tmp/bigvl/(\S+)", c)
+    if "python -m bigvl.main" in c and m:
+      out[m.group(1)] = os.path.join(root, m.group(1))
+  return out
+
+
 def run_block(cmds: list[str], data_dir: str, root: str) -> None:
   """Runs one block's commands as a bash script (see the module docstring)."""
   script = "set -euo pipefail\n" + "\n".join(shortened(c, root) for c in cmds)

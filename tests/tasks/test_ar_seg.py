@@ -1,11 +1,11 @@
 """Autoregressive unsupervised segmentation (``bigvl.tasks.ar_seg``): training reads no mask,
 the two views use distinct orderings (one ordering: the same output twice), the sharded step
-equals the 1-device step, inference runs the unmasked network, and the tiny config runs end to
-end through ``python -m bigvl.main`` with Hungarian-matched evaluation."""
+equals the 1-device step, and inference runs the unmasked network. The tiny config's
+end-to-end run, with Hungarian-matched evaluation, is docs/segmentation.md's runnable block
+(tests/test_docs_commands_label_efficient.py checks its results and overlays)."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -15,7 +15,7 @@ import pytest
 from bigvl import train
 from bigvl.config import ConfigError, load_sibling
 from bigvl.tasks import ar_seg
-from tests.helpers import REPO, one_step, run_main
+from tests.helpers import REPO, one_step
 
 
 def ar_config(data_dir, arg="tiny", **overrides):
@@ -92,21 +92,6 @@ def test_inference_runs_the_unmasked_network(seg_data_dir):
 def test_config_errors(seg_data_dir, bad, match):
   with pytest.raises(ConfigError, match=match):
     train.build(ar_config(seg_data_dir, **bad), devices=jax.devices()[:1])
-
-
-@pytest.mark.slow
-def test_tiny_config_end_to_end(seg_data_dir, tmp_path):
-  res = run_main(["--config", "configs/arseg_shapes.py:tiny", "--workdir", str(tmp_path),
-                  f"--config.input.data_dir={seg_data_dir}",
-                  "--config.input.dataset=shapes_segmentation/small", "--config.total_steps=10",
-                  "--config.log_every=10", "--config.evals.test.batch_size=32",
-                  "--config.evals.test_ensemble.batch_size=32"])
-  assert res.returncode == 0, res.stderr[-3000:]
-  with open(tmp_path / "results.json") as f:
-    results = json.load(f)
-  assert 0 <= results["test/miou"] <= 1 and 1 <= results["test/num_clusters_used"] <= 5
-  assert "test_ensemble/pixel_accuracy" in results
-  assert len(os.listdir(tmp_path / "segmentation" / "test")) == 6
 
 
 def test_photometric_jitter_is_a_per_image_colour_map():

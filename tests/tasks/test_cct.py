@@ -1,12 +1,12 @@
 """Cross-Consistency Training (``bigvl.tasks.cct``) on ``shapes_segmentation/small``: the
 labeled subset and the unlabeled stream are disjoint, the supervised baseline reads no
 unlabeled image, the sharded step equals the 1-device step with every perturbation on, the
-weak-label pseudo-labels never take an absent class, the pixel CE skips ignored pixels, and
-the tiny config runs end to end through ``python -m bigvl.main``."""
+weak-label pseudo-labels never take an absent class, and the pixel CE skips ignored pixels.
+The tiny config's end-to-end run is docs/segmentation.md's runnable block
+(tests/test_docs_commands_label_efficient.py checks its mIoU and overlays)."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -17,7 +17,7 @@ import pytest
 from bigvl import train
 from bigvl.config import ConfigError, load_sibling
 from bigvl.tasks import cct
-from tests.helpers import REPO, one_step, run_main
+from tests.helpers import REPO, one_step
 
 
 def cct_config(data_dir, arg="tiny", **overrides):
@@ -107,20 +107,3 @@ def test_weak_pseudo_labels_take_only_background_or_present_classes(seg_data_dir
 def test_config_errors(seg_data_dir, bad, match):
   with pytest.raises(ConfigError, match=match):
     train.build(cct_config(seg_data_dir, **bad), devices=jax.devices()[:1])
-
-
-@pytest.mark.slow
-def test_tiny_config_end_to_end(seg_data_dir, tmp_path):
-  """``configs/cct_shapes.py:tiny`` through ``bigvl.main`` (shortened): trains, evaluates mIoU
-  and writes the overlay strips."""
-  res = run_main(["--config", "configs/cct_shapes.py:tiny", "--workdir", str(tmp_path),
-                  f"--config.input.data_dir={seg_data_dir}",
-                  "--config.input.dataset=shapes_segmentation/small",
-                  "--config.input.num_labels=24", "--config.total_steps=12",
-                  "--config.log_every=6", "--config.evals.test.batch_size=32"])
-  assert res.returncode == 0, res.stderr[-3000:]
-  with open(tmp_path / "results.json") as f:
-    results = json.load(f)
-  assert 0 <= results["test/miou"] <= 1 and 0 < results["test/pixel_accuracy"] <= 1
-  pngs = os.listdir(tmp_path / "segmentation" / "test")
-  assert len(pngs) == 6 and all(p.startswith("step_12_") for p in pngs)
