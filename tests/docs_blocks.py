@@ -23,6 +23,7 @@ tests/test_demo.py, which checks the README's command is the one it runs.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -87,10 +88,27 @@ def main_workdirs(cmds: list[str], root: str) -> dict[str, str]:
   return out
 
 
-def run_block(cmds: list[str], data_dir: str, root: str) -> None:
-  """Runs one block's commands as a bash script (see the module docstring)."""
+def results(workdir: str) -> dict:
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
+
+
+def checked_names(outputs: dict, in_pages) -> set[str]:
+  """The names in ``outputs`` that no block of the pages ``in_pages(page)`` trains in (a
+  check that would never run)."""
+  names = {n for p in BLOCKS if in_pages(p.values[0]) for n in main_workdirs(p.values[1], "/r")}
+  return set(outputs) - names
+
+
+def run_block(cmds: list[str], data_dir: str, root: str, outputs: dict | None = None) -> None:
+  """Runs one block's commands as a bash script (see the module docstring), then checks what
+  the training runs left: ``outputs`` maps a workdir name (``/tmp/bigvl/<name>``) to a check
+  of that workdir."""
   script = "set -euo pipefail\n" + "\n".join(shortened(c, root) for c in cmds)
   res = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True,
                        env=subprocess_env({"BIGVL_DATA": data_dir}), timeout=900)
   assert res.returncode == 0, (f"a runnable block failed\n{script}\n--- stdout\n"
                                f"{res.stdout[-2000:]}\n--- stderr\n{res.stderr[-3000:]}")
+  for name, workdir in main_workdirs(cmds, root).items():
+    if name in (outputs or {}):
+      outputs[name](workdir)

@@ -9,7 +9,17 @@ import re
 
 import pytest
 
-from tests.docs_blocks import BLOCKS, DOCS, LABEL_EFFICIENT, REPO, commands, run_block, shortened
+from tests.docs_blocks import (
+  BLOCKS,
+  DOCS,
+  LABEL_EFFICIENT,
+  REPO,
+  checked_names,
+  commands,
+  results,
+  run_block,
+  shortened,
+)
 
 
 def test_parser_reads_continuations_and_comments():
@@ -40,7 +50,23 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("docs_data"))
 
 
+def _vladva(workdir: str) -> None:
+  """VladVA's run evaluates retrieval, zero-shot and compositionality (from docs/vladva.md's
+  captioner: the tiny config's end-to-end run)."""
+  r = results(workdir)
+  for key in ("retrieval/i2t_R@1", "zeroshot/accuracy", "compositionality/accuracy_swap_object"):
+    assert 0 <= r[key] <= 1, key
+
+
+#: workdir name in a block (``/tmp/bigvl/<name>``) -> the check of what its run leaves
+OUTPUTS = {"vladva": _vladva}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("page,cmds", [p for p in BLOCKS if p.values[0] not in LABEL_EFFICIENT])
 def test_runnable_block(page, cmds, data_dir, tmp_path):
-  run_block(cmds, data_dir, str(tmp_path))
+  run_block(cmds, data_dir, str(tmp_path), OUTPUTS)
+
+
+def test_every_checked_workdir_is_in_a_block():
+  assert not checked_names(OUTPUTS, lambda page: page not in LABEL_EFFICIENT)

@@ -5,17 +5,11 @@ the figures; these runs are the tiny configs' end-to-end tests."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 
-from tests.docs_blocks import BLOCKS, LABEL_EFFICIENT, main_workdirs, run_block
-
-
-def _results(workdir: str) -> dict:
-  with open(os.path.join(workdir, "results.json")) as f:
-    return json.load(f)
+from tests.docs_blocks import BLOCKS, LABEL_EFFICIENT, checked_names, results, run_block
 
 
 def _overlays(workdir: str, step: int) -> None:
@@ -25,20 +19,20 @@ def _overlays(workdir: str, step: int) -> None:
 
 
 def _cct(workdir: str) -> None:
-  r = _results(workdir)
+  r = results(workdir)
   assert 0 <= r["test/miou"] <= 1 and 0 < r["test/pixel_accuracy"] <= 1
   _overlays(workdir, r["step"])
 
 
 def _arseg(workdir: str) -> None:
-  r = _results(workdir)
+  r = results(workdir)
   assert 0 <= r["test/miou"] <= 1 and 1 <= r["test/num_clusters_used"] <= 5
   assert 0 < r["test_ensemble/pixel_accuracy"] <= 1
   _overlays(workdir, r["step"])
 
 
 def _da(workdir: str) -> None:
-  r = _results(workdir)  # the target accuracy (the metric) and the source one (a sanity check)
+  r = results(workdir)  # the target accuracy (the metric) and the source one (a sanity check)
   assert 0 <= r["target/accuracy"] <= 1 and 0 <= r["source/accuracy"] <= 1
 
 
@@ -54,13 +48,8 @@ def data_dir(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("page,cmds", [p for p in BLOCKS if p.values[0] in LABEL_EFFICIENT])
 def test_runnable_block(page, cmds, data_dir, tmp_path):
-  run_block(cmds, data_dir, str(tmp_path))
-  for name, workdir in main_workdirs(cmds, str(tmp_path)).items():
-    if name in OUTPUTS:
-      OUTPUTS[name](workdir)
+  run_block(cmds, data_dir, str(tmp_path), OUTPUTS)
 
 
 def test_every_checked_workdir_is_in_a_block():
-  names = {n for p in BLOCKS if p.values[0] in LABEL_EFFICIENT
-           for n in main_workdirs(p.values[1], "/r")}
-  assert set(OUTPUTS) <= names, set(OUTPUTS) - names
+  assert not checked_names(OUTPUTS, lambda page: page in LABEL_EFFICIENT)
