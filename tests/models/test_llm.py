@@ -80,7 +80,7 @@ def test_remat_policies_give_the_same_loss_and_gradients():
     def loss(p, model=model):
       return jax.nn.log_softmax(model.apply({"params": p}, ids)).mean()
 
-    val, grads = jax.value_and_grad(loss)(params)
+    val, grads = jax.jit(jax.value_and_grad(loss))(params)
     if ref is None:
       ref = (val, grads)
     np.testing.assert_allclose(val, ref[0], rtol=1e-6)

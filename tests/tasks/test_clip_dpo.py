@@ -86,9 +86,10 @@ def test_policy_equal_to_reference_gives_log2(cooc_dir, tmp_path, reference):
   cfg = dpo_config(cooc_dir, write_prefs(str(tmp_path / "p.jsonl")), reference)
   run, _, batch, state = built(cfg)
   params = train.model_params(state)
-  loss, (m, _) = run.task.loss(params, {}, batch, jax.random.key(0), 0)
+  # (jitted: one compiled program, not a dispatch of every op)
+  loss, (m, _) = jax.jit(lambda p: run.task.loss(p, {}, batch, jax.random.key(0), 0))(params)
   # the config adds the chosen answers' NLL per token (RPO) with weight sft_weight
-  policy, counts = run.task._logps(params["policy"], batch, None)
+  policy, counts = jax.jit(lambda p: run.task._logps(p, batch, None))(params["policy"])
   nll = -float(np.sum(policy[:, 0])) / float(np.sum(counts[:, 0]))
   assert float(m["sft_nll"]) == pytest.approx(nll, rel=1e-5)
   assert float(loss) == pytest.approx(float(m["dpo_loss"]) + run.task.sft_weight * nll,
@@ -114,10 +115,10 @@ def test_adapters_off_is_the_frozen_copy(cooc_dir, tmp_path):
   moved = jax.tree_util.tree_map_with_path(
       lambda p, x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype)
       if "lora_b" in jax.tree_util.keystr(p) else x, params["policy"])
-  task = run.task
-  off, _ = task._logps(clip_dpo.adapters_off(moved), batch, None)
-  base, _ = task._logps(params["policy"], batch, None)  # B = 0: the base model
-  on, _ = task._logps(moved, batch, None)
+  logps = jax.jit(lambda p: run.task._logps(p, batch, None)[0])
+  off = logps(clip_dpo.adapters_off(moved))
+  base = logps(params["policy"])  # B = 0: the base model
+  on = logps(moved)
   np.testing.assert_allclose(off, base, rtol=1e-6, atol=1e-5)
   assert np.abs(np.asarray(on) - np.asarray(base)).max() > 1e-3
 
