@@ -13,7 +13,9 @@ commands (``#`` comments, ``\\`` continuations); the tests run each block as one
 * ``:tiny`` settings made shorter still: every ``python -m bigvl.main`` command not setting
   its length gets ``--config.total_steps=2`` (the whole flow runs -- data, compile, steps,
   checkpoint, evaluators, plots -- not the minutes of training),
-* XLA at -O1 (``tests.helpers.TEST_XLA_FLAGS``: the same programs, compiled sooner).
+* XLA at -O1 (``tests.helpers.TEST_XLA_FLAGS``: the same programs, compiled sooner),
+* after a block, each test file's ``OUTPUTS`` checks what a named training run left (its
+  ``results.json``, figures): these blocks are the tiny configs' end-to-end tests.
 
 Blocks opened with ```` ```console ```` are shown, not run: full-size runs, real datasets,
 accelerators, benchmarks and experiment sweeps (each of those names the script or test that
@@ -93,9 +95,9 @@ def results(workdir: str) -> dict:
     return json.load(f)
 
 
-def checked_names(outputs: dict, in_pages) -> set[str]:
-  """The names in ``outputs`` that no block of the pages ``in_pages(page)`` trains in (a
-  check that would never run)."""
+def unused_checks(outputs: dict, in_pages) -> set[str]:
+  """The names in ``outputs`` that no block of the pages ``in_pages(page)`` trains in: checks
+  that would never run."""
   names = {n for p in BLOCKS if in_pages(p.values[0]) for n in main_workdirs(p.values[1], "/r")}
   return set(outputs) - names
 

@@ -14,11 +14,11 @@ from tests.docs_blocks import (
   DOCS,
   LABEL_EFFICIENT,
   REPO,
-  checked_names,
   commands,
   results,
   run_block,
   shortened,
+  unused_checks,
 )
 
 
@@ -69,4 +69,4 @@ def test_runnable_block(page, cmds, data_dir, tmp_path):
 
 
 def test_every_checked_workdir_is_in_a_block():
-  assert not checked_names(OUTPUTS, lambda page: page not in LABEL_EFFICIENT)
+  assert not unused_checks(OUTPUTS, lambda page: page not in LABEL_EFFICIENT)

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from tests.docs_blocks import BLOCKS, LABEL_EFFICIENT, checked_names, results, run_block
+from tests.docs_blocks import BLOCKS, LABEL_EFFICIENT, results, run_block, unused_checks
 
 
 def _overlays(workdir: str, step: int) -> None:
@@ -52,4 +52,4 @@ def test_runnable_block(page, cmds, data_dir, tmp_path):
 
 
 def test_every_checked_workdir_is_in_a_block():
-  assert not checked_names(OUTPUTS, lambda page: page in LABEL_EFFICIENT)
+  assert not unused_checks(OUTPUTS, lambda page: page in LABEL_EFFICIENT)

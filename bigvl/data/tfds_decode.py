@@ -62,8 +62,7 @@ def _leaf(path: tuple[str, ...], feature: Any, info: Any, batched: bool) -> _Lea
 
 def plan(features: Any) -> list[_Leaf] | None:
   """The leaves of a plain ``FeaturesDict`` (sorted by path, the order of TFDS's decoded
-  dicts), or None if it is not plain
-  (see the module docstring)."""
+  dicts), or None if it is not plain (see the module docstring)."""
   from tensorflow_datasets.core import features as tfds_features
 
   if not isinstance(features, tfds_features.FeaturesDict):

@@ -155,3 +155,15 @@ def test_builders_png_round_trips_and_checks_the_declared_shape():
   for bad, shape in ((rgb, (7, 5, 1)), (rgb.astype(np.int32), (7, 5, 3)), (rgb[..., 0], (7, 5))):
     with pytest.raises(ValueError, match="uint8 image"):
       png(bad, shape)
+
+
+def test_builders_encode_only_what_tfds_would_store_as_png():
+  from bigvl.data.builders._png import encode_images
+
+  f = tfds.features
+  features = f.FeaturesDict({"a": f.Image(shape=(4, 4, 3)), "j": f.Image(shape=(4, 4, 3),
+                             encoding_format="jpeg"), "n": np.int64})
+  img = np.zeros((4, 4, 3), np.uint8)
+  out = encode_images({"a": img, "j": img, "n": 3}, features)
+  assert isinstance(out["a"], bytes) and out["a"].startswith(b"\x89PNG")
+  assert out["j"] is img and out["n"] == 3  # jpeg and non-image features: TFDS's to encode

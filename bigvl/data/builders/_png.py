@@ -30,13 +30,14 @@ def png(image: np.ndarray, shape: tuple[int, ...]) -> bytes:
 
 
 def encode_images(example: dict, features: Any) -> dict:
-  """``example`` with each top-level array of an ``Image`` feature (uint8) PNG-encoded."""
+  """``example`` with each top-level array of a uint8 ``Image`` feature that TFDS would store
+  as PNG (``encoding_format`` unset or 'png') PNG-encoded; others are left to TFDS."""
   from tensorflow_datasets.core.features import Image as ImageFeature
 
   out = dict(example)
   for name, feature in features.items():
     if (isinstance(feature, ImageFeature) and feature.np_dtype == np.uint8
-        and isinstance(out.get(name), np.ndarray)):
+        and feature.encoding_format in (None, "png") and isinstance(out.get(name), np.ndarray)):
       out[name] = png(out[name], feature.shape)
   return out
 
